@@ -1,0 +1,114 @@
+"""Reading original VisCPM checkpoints and loading them into this repository's models.
+
+The original releases are ``torch.save``-d state dicts (``.pt`` / ``.bin``, fp16). They are read with
+``weights_only=True`` (a pickle that carries code is refused) and memory-mapped where the file format
+allows it, then copied key by key through a plain key map.
+"""
+
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..modeling.configuration_cpmbee import CpmBeeConfig
+from ..modeling.modeling_cpmbee import CpmBeeModel
+
+# The CPM-Bee language model sits under `llm.` in VisCPM-Chat and VisCPM-Paint checkpoints.
+CPMBEE_PREFIX = "llm."
+
+
+class CheckpointError(ValueError):
+    """An original checkpoint that cannot be read or does not fit the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str = ""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+                parts.append(f"{len(keys)} {label} key(s): {shown}")
+        super().__init__("checkpoint does not fit the model: " + "; ".join(parts) + (f" ({hint})" if hint else ""))
+
+
+def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load an original ``torch.save`` state dict safely (``weights_only=True``), memory-mapped when possible."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # the legacy (pre-zip) torch.save format cannot be memory-mapped
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint (the pickle carries code or objects "
+            f"other than tensors; weights_only=True rejected it: {error})"
+        ) from error
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({error})") from error
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__})")
+    return dict(state_dict)
+
+
+def cpmbee_config_from_original(original: Mapping) -> CpmBeeConfig:
+    """A `CpmBeeConfig` from an original CPM-Bee JSON config (``half`` is a dtype choice, not a dimension)."""
+    fields = {key: value for key, value in original.items() if key != "half"}
+    return CpmBeeConfig(**fields)
+
+
+def load_mapped_state_dict(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    key_map: Callable[[str], str | None],
+    hint: str = "",
+) -> None:
+    """Copy ``state_dict`` into ``module`` through ``key_map`` (original key -> module key, None = not ours).
+
+    Raises `CheckpointMismatchError` naming every missing, unexpected and mis-shaped key; nothing is copied then.
+    """
+    targets = module.state_dict()
+    mapped = {}
+    unexpected = []
+    for original_key, tensor in state_dict.items():
+        key = key_map(original_key)
+        if key is None:
+            continue
+        if key in targets:
+            mapped[key] = (original_key, tensor)
+        else:
+            unexpected.append(original_key)
+    missing = sorted(set(targets) - set(mapped))
+    mismatched = [
+        f"{original_key} {tuple(tensor.shape)} != {tuple(targets[key].shape)}"
+        for key, (original_key, tensor) in mapped.items()
+        if tensor.shape != targets[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched, hint)
+    with torch.no_grad():
+        for key, (_, tensor) in mapped.items():
+            targets[key].copy_(tensor)
+
+
+def cpmbee_key(original_key: str, prefix: str = CPMBEE_PREFIX) -> str | None:
+    """Original ``llm.<name>`` -> `CpmBeeModel` ``<name>``: the module trees are the same."""
+    return original_key[len(prefix) :] if original_key.startswith(prefix) else None
+
+
+def load_original_cpmbee(model: CpmBeeModel, state_dict: Mapping[str, torch.Tensor], prefix=CPMBEE_PREFIX) -> None:
+    """Load the ``llm.*`` tensors of an original VisCPM checkpoint into a `CpmBeeModel`."""
+    load_mapped_state_dict(
+        model,
+        state_dict,
+        lambda key: cpmbee_key(key, prefix),
+        hint=f"expected the CPM-Bee weights under '{prefix}' with the dimensions of the config",
+    )

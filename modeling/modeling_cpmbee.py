@@ -1,0 +1,681 @@
+# Copyright 2026 The viscpm authors. Licensed under the Apache License, Version 2.0.
+"""CPM-Bee, the multilingual language model that VisCPM-Chat and VisCPM-Paint pivot on.
+
+The numerics are those of the original implementation (OpenBMB/VisCPM, ``VisCPM/models/modules``);
+each of its quirks is a named line below:
+
+* RMS layer norm with a weight only, variance computed in fp32.
+* Bias-free projections scaled by ``1/sqrt(d_in)``: after the matmul, except the feed-forward output
+  projection, which scales its *input* first to stay inside fp16 range. Every projection is a plain
+  ``nn.Linear`` and every scale lives outside it, so bitsandbytes and peft (which swap ``nn.Linear``
+  modules) cannot drop a scale.
+* Residuals divided by 1.05.
+* Gated-GELU feed-forward ``w_out(gelu(w_0 x) * w_1 x)``.
+* Input embedding ``E[id] / sqrt(d)``, then a rotation driven by the token's *sub-id* (which of several
+  ``<unk>`` / ``<ans_N>`` / ``<option_N>`` strings it stands for), not by its position.
+* One bucketed relative-position bias per forward, shared by all layers: T5-style buckets of the
+  distance inside a segment, and a bucket per relation between two segments of the structured input.
+* Prefix-LM masking: context tokens are seen by every token, answer tokens causally by answer tokens;
+  tokens of different in-context samples or spans are kept apart; padding is masked on both sides and
+  a query that sees no key outputs zeros.
+* Logits over the vocabulary plus the per-batch ext table: ``[(h / sqrt(d)) @ E^T, h @ ext^T]`` where
+  ``ext`` are the (scaled, rotated) embeddings of the ext-table entries.
+
+Token structure. Besides ``input_ids``, CPM-Bee reads per-token structure produced by the structured
+input format (``structured_cpmbee.py``): ``input_id_subs``, ``context``, ``segment_ids``,
+``num_segments``, ``segment_rel_offset``, ``sample_ids``, ``span`` and ``attention_mask``, plus the
+per-row ``segment_rel`` table and ext table. Like ``attention_mask`` in transformers, the per-token
+structure tensors describe the *whole* sequence, cached tokens included, while ``input_ids`` /
+``inputs_embeds`` hold only the tokens not yet in the cache. Every one of them is optional: without
+them the model is a plain causal LM over one segment.
+
+Positions are token indices. The original passes explicit positions (restarting at 0 for generated
+tokens, 0 for left padding) but only ever uses them as differences inside one segment and to order
+answer tokens, which token indices give identically.
+
+Ids at or above ``vocab_size`` index the row's ext table: they are replaced by the table's
+``(base id, sub-id)`` pair before embedding, so generated ext-table tokens can be fed straight back.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_cpmbee import CpmBeeConfig
+
+RESIDUAL_SCALE = 1.05  # the original divides every residual sum by 1.05
+SUB_ID_DISTANCE_SCALE = 16  # rotation angle per sub-id step, in units of the rotary frequencies
+ROTARY_BASE = 10000
+# Segment-relation bucket of token pairs from different in-context samples or spans.
+CROSS_SAMPLE_BUCKET = 1
+
+
+class CpmBeeRMSNorm(nn.Module):
+    """RMS layer norm with a weight and no bias; the variance is computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        variance = hidden_states.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
+        return hidden_states * self.weight
+
+
+def rotate_by_sub_ids(embeds: torch.Tensor, input_id_subs: torch.Tensor) -> torch.Tensor:
+    """Rotary transform of the embeddings by the tokens' sub-ids (identity for sub-id 0).
+
+    NeoX half-split rotation over the full hidden size, angle ``sub_id * 16 * inv_freq``, computed in the
+    embeddings' dtype as the original does.
+    """
+    dim = embeds.shape[-1]
+    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, dim, 2, device=embeds.device, dtype=torch.float32) / dim))
+    angles = (input_id_subs * SUB_ID_DISTANCE_SCALE).to(embeds.dtype)[..., None] * inv_freq.to(embeds.dtype)
+    angles = torch.cat((angles, angles), dim=-1)
+    half = dim // 2
+    rotated_half = torch.cat((-embeds[..., half:], embeds[..., :half]), dim=-1)
+    return embeds * angles.cos() + rotated_half * angles.sin()
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5-style bidirectional bucket of ``key_position - query_position``."""
+    num_buckets //= 2
+    buckets = (relative_position > 0).to(torch.int32) * num_buckets
+    distance = relative_position.abs()
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # log(0) for the exact buckets is discarded by the `where` below
+    bucket_if_large = max_exact + (
+        torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.int32)
+    bucket_if_large = bucket_if_large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance.to(torch.int32), bucket_if_large)
+
+
+class CpmBeeBucketPositionBias(nn.Module):
+    """Per-head bias of every (query, key) pair, looked up from its bucket.
+
+    Buckets ``[0, num_buckets)`` are distances inside one segment; bucket ``num_buckets + r - 1`` is segment
+    relation ``r >= 1`` (relation 0 means "same segment" and uses the distance instead).
+    """
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.num_buckets = config.position_bias_num_buckets
+        self.max_distance = config.position_bias_max_distance
+        self.relative_attention_bias = nn.Parameter(
+            torch.empty(config.position_bias_num_buckets + config.position_bias_num_segment_buckets, config.num_heads)
+        )
+
+    def bucket_ids(
+        self, query_positions: torch.Tensor, key_positions: torch.Tensor, segment_buckets: torch.Tensor
+    ) -> torch.Tensor:
+        inside_segment = relative_position_bucket(
+            key_positions[None, :] - query_positions[:, None], self.num_buckets, self.max_distance
+        )
+        between_segments = segment_buckets - 1 + self.num_buckets
+        return torch.where(segment_buckets == 0, inside_segment[None], between_segments)
+
+    def forward(self, bucket_ids: torch.Tensor) -> torch.Tensor:
+        # (batch, len_q, len_k) -> (batch, heads, len_q, len_k)
+        return F.embedding(bucket_ids, self.relative_attention_bias).permute(0, 3, 1, 2)
+
+
+def segment_relation_buckets(
+    segment_rel: torch.Tensor,
+    query_segments: torch.Tensor,
+    query_num_segments: torch.Tensor,
+    query_rel_offsets: torch.Tensor,
+    key_segments: torch.Tensor,
+    same_sample: torch.Tensor,
+) -> torch.Tensor:
+    """Look up the relation bucket of every (query segment, key segment) pair in the row's ``segment_rel``."""
+    index = (
+        query_segments[:, :, None] * query_num_segments[:, :, None]
+        + key_segments[:, None, :]
+        + query_rel_offsets[:, :, None]
+    )
+    index = index.masked_fill(~same_sample, 0)  # pairs across samples are not in the table; keep the gather in range
+    buckets = segment_rel.gather(1, index.flatten(1)).view_as(index)
+    return buckets.masked_fill(~same_sample, CROSS_SAMPLE_BUCKET)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores scaled by ``1/sqrt(dim_head)`` plus the additive bias (position bias and mask), softmax in fp32."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    attn_output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return attn_output, probs
+
+
+class CpmBeeAttention(nn.Module):
+    def __init__(self, config: CpmBeeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.dim_head = config.dim_head
+        self.is_causal = False  # the mask is built from the structured input, never implied
+        inner_dim = config.num_heads * config.dim_head
+        self.project_q = nn.Linear(config.dim_model, inner_dim, bias=False)
+        self.project_k = nn.Linear(config.dim_model, inner_dim, bias=False)
+        self.project_v = nn.Linear(config.dim_model, inner_dim, bias=False)
+        self.attention_out = nn.Linear(inner_dim, config.dim_model, bias=False)
+        # CPM-Bee's Linear is x @ W^T / sqrt(d_in)
+        self.input_scale = math.sqrt(config.dim_model)
+        self.output_scale = math.sqrt(inner_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor,
+        query_sees_keys: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        head_shape = (batch, length, self.num_heads, self.dim_head)
+        query = (self.project_q(hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
+        key = (self.project_k(hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
+        value = (self.project_v(hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_bias,
+            dropout=self.config.dropout_p if self.training else 0.0,
+            scaling=self.dim_head**-0.5,
+            is_causal=False,
+        )
+        # the original zeroes the probabilities of masked keys, so a query that sees no key outputs zeros
+        attn_output = attn_output.masked_fill(~query_sees_keys[:, :, None, None], 0.0)
+        attn_output = attn_output.reshape(batch, length, -1)
+        return self.attention_out(attn_output) / self.output_scale, attn_weights
+
+
+class CpmBeeSelfAttentionBlock(nn.Module):
+    def __init__(self, config: CpmBeeConfig, layer_idx: int):
+        super().__init__()
+        self.layernorm_before_attention = CpmBeeRMSNorm(config.dim_model, eps=config.eps)
+        self.self_attention = CpmBeeAttention(config, layer_idx)
+        self.dropout = nn.Dropout(config.dropout_p)
+
+    def forward(self, hidden_states, attention_bias, query_sees_keys, cache=None):
+        attn_output, attn_weights = self.self_attention(
+            self.layernorm_before_attention(hidden_states), attention_bias, query_sees_keys, cache
+        )
+        hidden_states = (hidden_states + self.dropout(attn_output)) / RESIDUAL_SCALE
+        return hidden_states, attn_weights
+
+
+class CpmBeeDenseGatedACT(nn.Module):
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.w_0 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
+        self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
+        self.act = nn.GELU()
+        self.input_scale = math.sqrt(config.dim_model)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate = self.act(self.w_0(hidden_states) / self.input_scale)
+        return gate * (self.w_1(hidden_states) / self.input_scale)
+
+
+class CpmBeeFeedForward(nn.Module):
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.w_in = CpmBeeDenseGatedACT(config)
+        self.dropout = nn.Dropout(config.dropout_p)
+        self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
+        self.input_scale = math.sqrt(config.dim_ff)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.w_in(hidden_states))
+        # scaled BEFORE the matmul (unlike every other projection): the dim_ff-wide sum would overflow fp16
+        return self.w_out(hidden_states / self.input_scale)
+
+
+class CpmBeeFFNBlock(nn.Module):
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.layernorm_before_ffn = CpmBeeRMSNorm(config.dim_model, eps=config.eps)
+        self.ffn = CpmBeeFeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_p)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        ffn_output = self.ffn(self.layernorm_before_ffn(hidden_states))
+        return (hidden_states + self.dropout(ffn_output)) / RESIDUAL_SCALE
+
+
+class CpmBeeTransformerBlock(GradientCheckpointingLayer):
+    """Self-attention block then feed-forward block; ``config.mask_modules`` may drop either."""
+
+    def __init__(self, config: CpmBeeConfig, layer_idx: int):
+        super().__init__()
+        self.self_att = CpmBeeSelfAttentionBlock(config, layer_idx) if config.layer_has_attention(layer_idx) else None
+        self.ffn = CpmBeeFFNBlock(config) if config.layer_has_ffn(layer_idx) else None
+
+    def forward(self, hidden_states, attention_bias, query_sees_keys, cache=None):
+        attn_weights = None
+        if self.self_att is not None:
+            hidden_states, attn_weights = self.self_att(hidden_states, attention_bias, query_sees_keys, cache)
+        if self.ffn is not None:
+            hidden_states = self.ffn(hidden_states)
+        return hidden_states, attn_weights
+
+
+class CpmBeeEncoder(nn.Module):
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CpmBeeTransformerBlock(config, idx) for idx in range(config.num_layers)])
+        self.output_layernorm = CpmBeeRMSNorm(config.dim_model, eps=config.eps)
+
+
+class CpmBeePreTrainedModel(PreTrainedModel):
+    config_class = CpmBeeConfig
+    config: CpmBeeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CpmBeeTransformerBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # the position bias cannot be passed to FlashAttention
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CpmBeeBucketPositionBias):
+            init.normal_(module.relative_attention_bias, mean=0.0, std=self.config.init_std)
+
+
+@dataclass
+class CpmBeeStructure:
+    """Per-token structure of the whole sequence (cached tokens included), with defaults filled in."""
+
+    attention_mask: torch.Tensor
+    context: torch.Tensor
+    segment_ids: torch.Tensor
+    num_segments: torch.Tensor
+    segment_rel_offset: torch.Tensor
+    sample_ids: torch.Tensor
+    span: torch.Tensor
+    segment_rel: torch.Tensor
+
+
+class CpmBeeModel(CpmBeePreTrainedModel):
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__(config)
+        self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)
+        self.position_bias = CpmBeeBucketPositionBias(config)
+        self.encoder = CpmBeeEncoder(config)
+        self.first_attention_layer = next(
+            (idx for idx in range(config.num_layers) if config.layer_has_attention(idx)), None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.input_embedding
+
+    def set_input_embeddings(self, value):
+        self.input_embedding = value
+
+    def embed_tokens(
+        self,
+        input_ids: torch.Tensor,
+        input_id_subs: torch.Tensor | None = None,
+        ext_table_ids: torch.Tensor | None = None,
+        ext_table_sub: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``E[id] / sqrt(d)`` rotated by the sub-ids; ids >= vocab_size are looked up in the row's ext table."""
+        input_ids = input_ids.long()
+        input_id_subs = torch.zeros_like(input_ids) if input_id_subs is None else input_id_subs.long()
+        if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
+            if input_ids.numel() and int(input_ids.max()) >= self.config.vocab_size:
+                raise ValueError(
+                    f"input id {int(input_ids.max())} is >= vocab_size ({self.config.vocab_size}) but no ext table was "
+                    "given: pass the `ext_table_ids` / `ext_table_sub` the structured input produced"
+                )
+        else:
+            is_ext = input_ids >= self.config.vocab_size
+            ext_index = (input_ids - self.config.vocab_size).clamp(0, ext_table_ids.shape[-1] - 1)
+            input_ids = torch.where(is_ext, ext_table_ids.long().gather(-1, ext_index), input_ids)
+            input_id_subs = torch.where(is_ext, ext_table_sub.long().gather(-1, ext_index), input_id_subs)
+        embeds = self.input_embedding(input_ids) / math.sqrt(self.config.dim_model)
+        return rotate_by_sub_ids(embeds, input_id_subs)
+
+    def _structure(self, batch, total_length, device, **given) -> CpmBeeStructure:
+        defaults = {  # a plain causal LM: one segment, every token an answer token
+            "attention_mask": 1,
+            "context": 0,
+            "segment_ids": 0,
+            "num_segments": 1,
+            "segment_rel_offset": 0,
+            "sample_ids": 0,
+            "span": 0,
+        }
+        filled = {}
+        for name, fill in defaults.items():
+            tensor = given[name]
+            if tensor is None:
+                tensor = torch.full((batch, total_length), fill, dtype=torch.long, device=device)
+            elif tensor.shape != (batch, total_length):
+                raise ValueError(
+                    f"`{name}` has shape {tuple(tensor.shape)}, expected ({batch}, {total_length}): per-token "
+                    "structure tensors describe the whole sequence, cached tokens included (like attention_mask)"
+                )
+            filled[name] = tensor.long() if name != "context" and name != "attention_mask" else tensor.bool()
+        segment_rel = given["segment_rel"]
+        if segment_rel is None:
+            segment_rel = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        return CpmBeeStructure(segment_rel=segment_rel.long(), **filled)
+
+    def attention_bias(
+        self, structure: CpmBeeStructure, query_length: int, key_length: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position bias plus prefix-LM mask as one additive (batch, heads, len_q, len_k) tensor, built once per
+        forward and shared by all layers.
+
+        Also returns which queries see at least one key; the others must output zeros. ``key_length`` may exceed
+        the sequence (a static cache's preallocated slots): those keys are masked.
+        """
+        total_length = structure.attention_mask.shape[1]
+        past_length = total_length - query_length
+        device = structure.attention_mask.device
+
+        def queries(tensor):
+            return tensor[:, past_length:]
+
+        def keys(tensor):
+            return F.pad(tensor, (0, key_length - total_length))
+
+        query_positions = torch.arange(past_length, total_length, device=device)
+        key_positions = torch.arange(key_length, device=device)
+        query_sample, key_sample = queries(structure.sample_ids), keys(structure.sample_ids)
+        same_sample = (query_sample[:, :, None] == key_sample[:, None, :]) & (
+            queries(structure.span)[:, :, None] == keys(structure.span)[:, None, :]
+        )
+
+        segment_buckets = segment_relation_buckets(
+            structure.segment_rel,
+            queries(structure.segment_ids),
+            queries(structure.num_segments),
+            queries(structure.segment_rel_offset),
+            keys(structure.segment_ids),
+            same_sample,
+        )
+        position_bias = self.position_bias(
+            self.position_bias.bucket_ids(query_positions, key_positions, segment_buckets)
+        )
+
+        # prefix LM: context keys are seen by everyone, answer keys only by later answer tokens
+        causal = key_positions[None, :] <= query_positions[:, None]
+        visible = keys(structure.context)[:, None, :] | (~queries(structure.context)[:, :, None] & causal)
+        # in-context samples (sample id > 0) see only themselves; the main sample (0) sees them all
+        visible &= (query_sample[:, :, None] == 0) | (query_sample[:, :, None] == key_sample[:, None, :])
+        visible &= queries(structure.span)[:, :, None] == keys(structure.span)[:, None, :]
+        visible &= queries(structure.attention_mask)[:, :, None] & keys(structure.attention_mask)[:, None, :]
+
+        query_sees_keys = visible.any(dim=-1)
+        # let blind queries attend everywhere so no backend sees an all-masked row (NaN); their output is zeroed
+        visible |= ~query_sees_keys[:, :, None]
+        attention_bias = position_bias.to(dtype).masked_fill(~visible[:, None], torch.finfo(dtype).min)
+        return attention_bias, query_sees_keys
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_id_subs: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        num_segments: torch.LongTensor | None = None,
+        segment_rel_offset: torch.LongTensor | None = None,
+        segment_rel: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        span: torch.LongTensor | None = None,
+        ext_table_ids: torch.LongTensor | None = None,
+        ext_table_sub: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        input_id_subs (`torch.LongTensor` of shape `(batch, total_length)`, *optional*):
+            Sub-id of every token (which `<unk>`/`<ans_N>`/... string it stands for); rotates its embedding.
+        context (`torch.Tensor` of shape `(batch, total_length)`, *optional*):
+            1 for context tokens (seen by all tokens), 0 for answer tokens (seen causally). Defaults to 0.
+        segment_ids, num_segments, segment_rel_offset, sample_ids, span (`(batch, total_length)`, *optional*):
+            Structured-input bookkeeping: the token's segment, its sample's segment count and offset into
+            `segment_rel`, its in-context sample and its span.
+        segment_rel (`torch.LongTensor` of shape `(batch, rel_size)`, *optional*):
+            Flattened `num_segments x num_segments` relation buckets of each sample, concatenated.
+        ext_table_ids, ext_table_sub (`torch.LongTensor` of shape `(batch, ext_size)`, *optional*):
+            The ext table: id `vocab_size + k` stands for `(ext_table_ids[:, k], ext_table_sub[:, k])`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        batch, query_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        past_length = 0
+        key_length = query_length
+        if cache is not None and self.first_attention_layer is not None:
+            past_length = cache.get_seq_length(self.first_attention_layer)
+            key_length, _ = cache.get_mask_sizes(query_length, self.first_attention_layer)
+        total_length = past_length + query_length
+
+        structure = self._structure(
+            batch,
+            total_length,
+            device,
+            attention_mask=attention_mask,
+            context=context,
+            segment_ids=segment_ids,
+            num_segments=num_segments,
+            segment_rel_offset=segment_rel_offset,
+            sample_ids=sample_ids,
+            span=span,
+            segment_rel=segment_rel,
+        )
+        if inputs_embeds is None:
+            if input_id_subs is not None:
+                if input_id_subs.shape != (batch, total_length):
+                    raise ValueError(
+                        f"`input_id_subs` has shape {tuple(input_id_subs.shape)}, expected ({batch}, {total_length}):"
+                        " like the other structure tensors it covers the cached tokens too"
+                    )
+                input_id_subs = input_id_subs[:, past_length:]
+            inputs_embeds = self.embed_tokens(input_ids, input_id_subs, ext_table_ids, ext_table_sub)
+
+        attention_bias, query_sees_keys = self.attention_bias(
+            structure, query_length, max(key_length, total_length), inputs_embeds.dtype
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.encoder.layers:
+            hidden_states, _ = layer(hidden_states, attention_bias, query_sees_keys, cache=cache)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.encoder.output_layernorm(hidden_states)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+# Per-token structure that generate() carries across steps, and the value a generated token takes:
+# it continues the last token's segment and sample as an answer token (context 0) whose sub-id comes from
+# the ext table through its id (so 0 here).
+GENERATED_TOKEN_STRUCTURE = {
+    "input_id_subs": 0,
+    "context": 0,
+    "segment_ids": None,
+    "num_segments": None,
+    "segment_rel_offset": None,
+    "sample_ids": None,
+    "span": None,
+}
+
+
+class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.input_embedding.weight"}
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__(config)
+        self.model = CpmBeeModel(config)
+        self.lm_head = nn.Linear(config.dim_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.input_embedding
+
+    def set_input_embeddings(self, value):
+        self.model.input_embedding = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def compute_logits(
+        self,
+        hidden_states: torch.Tensor,
+        ext_table_ids: torch.Tensor | None = None,
+        ext_table_sub: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits over the vocabulary and then the row's ext table: ``[(h / sqrt(d)) @ E^T, h @ ext^T]``."""
+        logits = self.lm_head(hidden_states / math.sqrt(self.config.dim_model))
+        if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
+            # the ext embeddings already carry the 1/sqrt(d) of the input embedding, so h is not scaled again
+            ext_embeds = self.model.embed_tokens(ext_table_ids, ext_table_sub).to(hidden_states.dtype)
+            logits = torch.cat([logits, torch.einsum("bld,bed->ble", hidden_states, ext_embeds)], dim=-1)
+        return logits
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_id_subs: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        num_segments: torch.LongTensor | None = None,
+        segment_rel_offset: torch.LongTensor | None = None,
+        segment_rel: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        span: torch.LongTensor | None = None,
+        ext_table_ids: torch.LongTensor | None = None,
+        ext_table_sub: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        See [`CpmBeeModel.forward`] for the structure arguments.
+
+        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
+            Target of every position, ALREADY aligned with the logits (`labels[:, i]` is what position `i` must
+            predict, -100 to ignore), as the CPM-Bee collator builds them: ext-table targets are `vocab_size + k`
+            and an answer's last position targets `</s>`. No shift is applied.
+        logits_to_keep (`int`, defaults to 0):
+            Compute logits for the last `logits_to_keep` positions only (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            input_id_subs=input_id_subs,
+            attention_mask=attention_mask,
+            context=context,
+            segment_ids=segment_ids,
+            num_segments=num_segments,
+            segment_rel_offset=segment_rel_offset,
+            segment_rel=segment_rel,
+            sample_ids=sample_ids,
+            span=span,
+            ext_table_ids=ext_table_ids,
+            ext_table_sub=ext_table_sub,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.compute_logits(hidden_states, ext_table_ids, ext_table_sub)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.to(logits.device).long().flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        for name, fill in GENERATED_TOKEN_STRUCTURE.items():
+            tensor = model_kwargs.get(name)
+            if tensor is None:
+                continue
+            if fill is None:
+                new_columns = tensor[:, -1:].expand(-1, num_new_tokens)
+            else:
+                new_columns = tensor.new_full((tensor.shape[0], num_new_tokens), fill)
+            model_kwargs[name] = torch.cat([tensor, new_columns], dim=-1)
+        return model_kwargs
+
+
+__all__ = ["CpmBeePreTrainedModel", "CpmBeeModel", "CpmBeeForCausalLM"]
