@@ -52,7 +52,7 @@ def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: it is not a plain tensor checkpoint (the pickle carries code or objects "
             f"other than tensors; weights_only=True rejected it: {error})"
         ) from error
-    except (RuntimeError, EOFError, ValueError) as error:
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({error})") from error
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__})")
