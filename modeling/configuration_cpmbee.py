@@ -7,6 +7,10 @@ config loads with ``CpmBeeConfig(**json)``; ``attribute_map`` gives transformers
 
 from transformers import PretrainedConfig
 
+# Segment-relation bucket of token pairs from different in-context samples (or spans); relation buckets of one
+# sample's segments skip it. Shared by the structured input format and the model.
+CROSS_SAMPLE_BUCKET = 1
+
 
 class CpmBeeConfig(PretrainedConfig):
     r"""

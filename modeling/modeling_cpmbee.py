@@ -53,13 +53,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_cpmbee import CpmBeeConfig
+from .configuration_cpmbee import CROSS_SAMPLE_BUCKET, CpmBeeConfig
 
 RESIDUAL_SCALE = 1.05  # the original divides every residual sum by 1.05
 SUB_ID_DISTANCE_SCALE = 16  # rotation angle per sub-id step, in units of the rotary frequencies
 ROTARY_BASE = 10000
-# Segment-relation bucket of token pairs from different in-context samples or spans.
-CROSS_SAMPLE_BUCKET = 1
 
 
 class CpmBeeRMSNorm(nn.Module):

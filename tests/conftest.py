@@ -55,5 +55,7 @@ def pairs_to_dict(pairs) -> dict:
 def assert_tensor_equal(actual, expected, name=""):
     actual = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual)
     expected = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected)
-    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     assert torch.equal(actual.long(), expected.long()), f"{name}: values differ"

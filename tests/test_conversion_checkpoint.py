@@ -15,8 +15,17 @@ from viscpm.conversion.checkpoint import (
     read_original_checkpoint,
 )
 
-TINY = dict(vocab_size=50, dim_model=16, num_heads=2, dim_head=8, dim_ff=24, num_layers=2,
-            position_bias_num_buckets=16, position_bias_num_segment_buckets=16, position_bias_max_distance=32)
+TINY = dict(
+    vocab_size=50,
+    dim_model=16,
+    num_heads=2,
+    dim_head=8,
+    dim_ff=24,
+    num_layers=2,
+    position_bias_num_buckets=16,
+    position_bias_num_segment_buckets=16,
+    position_bias_max_distance=32,
+)
 
 
 def original_state_dict(model: CpmBeeModel) -> dict:

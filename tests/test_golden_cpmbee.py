@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import golden_root, load_json
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from conftest import golden_root, load_json
 from viscpm.conversion.checkpoint import cpmbee_config_from_original, load_original_cpmbee, read_original_checkpoint
 from viscpm.modeling.modeling_cpmbee import CpmBeeForCausalLM
+from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, encode_structured
+from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 pytestmark = pytest.mark.golden
 
@@ -116,15 +118,20 @@ def test_teacher_forced_forward(chat_llm, golden_dir, case):
     hook = chat_llm.model.position_bias.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
         with torch.no_grad():
-            outputs = chat_llm(inputs_embeds=embeds, labels=target, output_hidden_states=True, use_cache=False, **inputs)
+            outputs = chat_llm(
+                inputs_embeds=embeds, labels=target, output_hidden_states=True, use_cache=False, **inputs
+            )
     finally:
         hook.remove()
     (position_bias,) = captured  # computed once per forward, shared by all layers
     assert_close(position_bias, golden[f"{case}.position_bias"], "position_bias")
     for layer, expected in enumerate(golden[f"{case}.layer_outputs"]):
         assert_close(outputs.hidden_states[layer + 1], expected, f"layer_outputs[{layer}]")
-    assert_close(chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]), golden[f"{case}.hidden_states"],
-                 "hidden_states")
+    assert_close(
+        chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]),
+        golden[f"{case}.hidden_states"],
+        "hidden_states",
+    )
     logits = outputs.logits[0]
     assert_logits_match(logits, golden, f"{case}.logits")
     first_answer_row = int(torch.nonzero(target[0] != -100)[0])
@@ -170,11 +177,19 @@ def test_prefill_and_decode_steps_with_kv_cache(chat_llm, golden_dir, case):
     cache = DynamicCache(config=chat_llm.config)
     with torch.no_grad():
         outputs = chat_llm(
-            inputs_embeds=embeds, segment_rel=golden[f"{prefix}segment_rel"], cache=cache, use_cache=True,
-            output_hidden_states=True, **structure, **ext,
+            inputs_embeds=embeds,
+            segment_rel=golden[f"{prefix}segment_rel"],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            **structure,
+            **ext,
         )
-    assert_close(chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]), golden[f"{case}.prefill.hidden"],
-                 "prefill.hidden")
+    assert_close(
+        chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]),
+        golden[f"{case}.prefill.hidden"],
+        "prefill.hidden",
+    )
     assert_logits_match(outputs.logits[0], golden, f"{case}.prefill.logits")
     for layer, cached in enumerate(cache.layers):
         assert_close(cached.keys, golden[f"{case}.prefill.buffer.{layer}.k"], f"prefill.buffer.{layer}.k")
@@ -183,19 +198,32 @@ def test_prefill_and_decode_steps_with_kv_cache(chat_llm, golden_dir, case):
     step_logits = []
     for step in steps["steps"]:
         fed = {
-            "input_id_subs": step["fed_sub"], "attention_mask": 1, "context": 0, "segment_ids": step["fed_segment"],
-            "num_segments": None, "segment_rel_offset": None, "sample_ids": None,
+            "input_id_subs": step["fed_sub"],
+            "attention_mask": 1,
+            "context": 0,
+            "segment_ids": step["fed_segment"],
+            "num_segments": None,
+            "segment_rel_offset": None,
+            "sample_ids": None,
         }
         for name, value in fed.items():
             last = structure[name][:, -1:]
             structure[name] = torch.cat([structure[name], last if value is None else torch.full_like(last, value)], 1)
         with torch.no_grad():
             outputs = chat_llm(
-                input_ids=torch.full((rows, 1), step["fed_token"]), segment_rel=golden[f"{prefix}segment_rel"],
-                cache=cache, use_cache=True, output_hidden_states=True, **structure, **ext,
+                input_ids=torch.full((rows, 1), step["fed_token"]),
+                segment_rel=golden[f"{prefix}segment_rel"],
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+                **structure,
+                **ext,
             )
-        assert_close(chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]),
-                     golden[f"{case}.step{step['step']}.hidden"], f"step{step['step']}.hidden")
+        assert_close(
+            chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]),
+            golden[f"{case}.step{step['step']}.hidden"],
+            f"step{step['step']}.hidden",
+        )
         assert int(outputs.logits[0, -1].argmax()) == step["argmax_raw_id"]
         step_logits.append(outputs.logits[0, -1])
     step_logits = torch.stack(step_logits)
@@ -251,3 +279,58 @@ def test_golden_layout_is_complete(golden_dir):
     """Guard against silently testing nothing: every parametrized list above found cases."""
     assert teacher_forcing_cases() and inference_cases() and paint_text_cases()
     assert json.loads((golden_dir / "chat" / "config.json").read_text())["cpmbee"]["num_layers"] > 0
+
+
+# End to end: our structured-input code builds the inputs, our model runs them.
+
+
+@pytest.fixture(scope="module")
+def tokenizer(golden_dir):
+    return CpmBeeTokenizer(vocab_file=str(golden_dir / "vocab" / "bee.txt"))
+
+
+def paint_text_batches(tokenizer, prompt: str, negative_prompt: str | None) -> list[dict]:
+    """The original VisCPM-Paint text input: `{'caption': prompt, 'objects': ''}` and its unconditional twin, each
+    collated on its own but padded (right) to the longer of the two."""
+    samples = [
+        encode_structured(tokenizer, {"caption": caption, "objects": ""}).to_training_item()
+        for caption in (prompt, negative_prompt or "")
+    ]
+    length = max(len(sample["input_ids"]) for sample in samples)
+    collator = CpmBeeTrainingCollator(tokenizer, max_length=length)
+    return [collator([sample]) for sample in samples]
+
+
+def test_paint_text_encoding_from_prompts(paint_llm, tokenizer, golden_dir):
+    """Prompt text -> structured input -> collated batch -> CPM-Bee hidden states, equal to the original's."""
+    golden = load_file(golden_dir / "paint" / "text_hidden.safetensors")
+    spec = load_json(golden_dir / "paint" / "text_hidden.json")
+    cases = [(entry["key"], entry["prompt"], None, 0) for entry in spec["inputs"]]
+    # negpair = the first prompt with the negative prompt as its unconditional input (see the manifest)
+    cases += [("negpair.cond", spec["prompts"][0], spec["negative_prompt"], 0)]
+    cases += [("negpair.uncond", spec["prompts"][0], spec["negative_prompt"], 1)]
+    for key, prompt, negative_prompt, which in cases:
+        batch = paint_text_batches(tokenizer, prompt, negative_prompt)[which]
+        for name in ("input_ids", "input_id_subs", "context", "segment_ids", "num_segments", "length"):
+            assert torch.equal(batch[name].long(), golden[f"{key}.in.{name}"].long()), f"{key}.in.{name}"
+        with torch.no_grad():
+            hidden = paint_llm.model(**batch, use_cache=False).last_hidden_state
+        assert_close(hidden, golden[f"{key}.text_hidden_states"], f"{key}.text_hidden_states")
+
+
+def test_teacher_forced_loss_from_structured_input(chat_llm, tokenizer, golden_dir):
+    """The chat training path end to end: structured dict -> collator -> model with the vision states -> loss."""
+    golden = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")
+    for case in load_json(golden_dir / "chat" / "forward_teacher_forcing.json"):
+        name = case["name"]
+        sample = encode_structured(tokenizer, case["data"]).to_training_item()
+        batch = CpmBeeTrainingCollator(tokenizer, max_length=len(sample["input_ids"]))([sample])
+        embeds = chat_llm.model.embed_tokens(
+            batch["input_ids"], batch["input_id_subs"], batch["ext_table_ids"], batch["ext_table_sub"]
+        )
+        embeds = place_vision_states(embeds, golden[f"{name}.vision_hidden_states"], batch["image_bound"])
+        model_inputs = {key: value for key, value in batch.items() if key != "input_ids"}
+        with torch.no_grad():
+            outputs = chat_llm(inputs_embeds=embeds, use_cache=False, **model_inputs)
+        assert torch.equal(batch["labels"], golden[f"{name}.target"].long()), f"{name}.target"
+        torch.testing.assert_close(outputs.loss, golden[f"{name}.loss"], rtol=1e-5, atol=0)

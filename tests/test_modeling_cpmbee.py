@@ -113,11 +113,25 @@ def test_incremental_decoding_equals_full_forward():
 
     cache = DynamicCache(config=model.config)
     shared = {k: inputs[k] for k in ("segment_rel", "ext_table_ids", "ext_table_sub")}
-    steps = [model(input_ids=inputs["input_ids"][:, :prompt_length], cache=cache, use_cache=True, **shared,
-                   **{k: inputs[k][:, :prompt_length] for k in PER_TOKEN}).logits]
+    steps = [
+        model(
+            input_ids=inputs["input_ids"][:, :prompt_length],
+            cache=cache,
+            use_cache=True,
+            **shared,
+            **{k: inputs[k][:, :prompt_length] for k in PER_TOKEN},
+        ).logits
+    ]
     for end in range(prompt_length + 1, inputs["input_ids"].shape[1] + 1):
-        steps.append(model(input_ids=inputs["input_ids"][:, end - 1:end], cache=cache, use_cache=True, **shared,
-                           **{k: inputs[k][:, :end] for k in PER_TOKEN}).logits)
+        steps.append(
+            model(
+                input_ids=inputs["input_ids"][:, end - 1 : end],
+                cache=cache,
+                use_cache=True,
+                **shared,
+                **{k: inputs[k][:, :end] for k in PER_TOKEN},
+            ).logits
+        )
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -150,9 +164,9 @@ def test_left_padded_batch_equals_one_at_a_time():
     batch["segment_rel"] = torch.zeros(2, rel_size, dtype=torch.long)
     for row, sample in enumerate(samples):
         n = sample["input_ids"].shape[1]
-        batch["attention_mask"][row, length - n:] = 1
+        batch["attention_mask"][row, length - n :] = 1
         for name in ("input_ids",) + PER_TOKEN:
-            batch[name][row, length - n:] = sample[name][0]
+            batch[name][row, length - n :] = sample[name][0]
         batch["segment_rel"][row, : sample["segment_rel"].shape[1]] = sample["segment_rel"][0]
     batch["ext_table_ids"] = torch.cat([s["ext_table_ids"] for s in samples])
     batch["ext_table_sub"] = torch.cat([s["ext_table_sub"] for s in samples])
@@ -160,7 +174,7 @@ def test_left_padded_batch_equals_one_at_a_time():
     batched = model(**batch).logits
     for row, sample in enumerate(samples):
         n = sample["input_ids"].shape[1]
-        torch.testing.assert_close(batched[row, length - n:], model(**sample).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[row, length - n :], model(**sample).logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_padding_queries_output_zero_attention():
@@ -169,10 +183,12 @@ def test_padding_queries_output_zero_attention():
     inputs = structured_prompt()
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs["attention_mask"][0, -2:] = 0
-    embeds = model.model.embed_tokens(inputs["input_ids"], inputs["input_id_subs"], inputs["ext_table_ids"],
-                                      inputs["ext_table_sub"])
-    out = model.model(inputs_embeds=embeds, output_hidden_states=True, **{k: v for k, v in inputs.items()
-                                                                          if k != "input_ids"})
+    embeds = model.model.embed_tokens(
+        inputs["input_ids"], inputs["input_id_subs"], inputs["ext_table_ids"], inputs["ext_table_sub"]
+    )
+    out = model.model(
+        inputs_embeds=embeds, output_hidden_states=True, **{k: v for k, v in inputs.items() if k != "input_ids"}
+    )
     # attention-only layer: (x + 0) / 1.05 at the padded positions
     torch.testing.assert_close(out.hidden_states[1][0, -2:], embeds[0, -2:] / 1.05)
     assert torch.isfinite(out.hidden_states[1]).all()
@@ -190,8 +206,13 @@ def test_mask_modules_drop_blocks():
     prefix = {k: inputs[k][:, :-1] for k in PER_TOKEN}
     shared = {k: inputs[k] for k in ("segment_rel", "ext_table_ids", "ext_table_sub")}
     first = model(input_ids=inputs["input_ids"][:, :-1], cache=cache, use_cache=True, **prefix, **shared).logits
-    last = model(input_ids=inputs["input_ids"][:, -1:], cache=cache, use_cache=True, **shared,
-                 **{k: inputs[k] for k in PER_TOKEN}).logits
+    last = model(
+        input_ids=inputs["input_ids"][:, -1:],
+        cache=cache,
+        use_cache=True,
+        **shared,
+        **{k: inputs[k] for k in PER_TOKEN},
+    ).logits
     torch.testing.assert_close(torch.cat([first, last], 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one \\(mask_attention, mask_ffn\\) pair per layer"):
         tiny_config(num_layers=2, mask_modules=[[True, False]])
@@ -289,7 +310,7 @@ def test_greedy_generate_equals_argmax_loop_without_cache():
     model = tiny_model()
     inputs = generation_prompt()
     generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
     assert new_tokens.shape[1] == 6
     expected = torch.empty(1, 0, dtype=torch.long)
     for _ in range(6):
@@ -304,13 +325,23 @@ def test_beam_search_scores_equal_full_forward_log_probs():
     """Beam search reorders the cache and the per-beam structure; its scores must match a fresh forward."""
     model = tiny_model()
     inputs = generation_prompt(seed=3)
-    out = model.generate(**inputs, num_beams=3, num_return_sequences=3, max_new_tokens=5, min_new_tokens=5,
-                         do_sample=False, eos_token_id=None, pad_token_id=0, length_penalty=1.0,
-                         output_scores=True, return_dict_in_generate=True)
+    out = model.generate(
+        **inputs,
+        num_beams=3,
+        num_return_sequences=3,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        length_penalty=1.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     prompt_length = inputs["input_ids"].shape[1]
     for sequence, score in zip(out.sequences, out.sequences_scores):
         new_tokens = sequence[None, prompt_length:]
-        logits = model(**extend_structure(inputs, new_tokens[:, :-1]), use_cache=False).logits[0, prompt_length - 1:]
+        logits = model(**extend_structure(inputs, new_tokens[:, :-1]), use_cache=False).logits[0, prompt_length - 1 :]
         log_probs = torch.log_softmax(logits.float(), -1).gather(1, new_tokens[0][:, None]).sum()
         torch.testing.assert_close(score * new_tokens.shape[1], log_probs, rtol=1e-4, atol=1e-4)
 
