@@ -37,6 +37,8 @@ Ids at or above ``vocab_size`` index the row's ext table: they are replaced by t
 ``(base id, sub-id)`` pair before embedding, so generated ext-table tokens can be fed straight back.
 """
 
+import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -545,6 +547,78 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         )
 
 
+SUPPRESSED_LOGIT = -10000.0  # what the original writes into the logits of ids a sample may not generate
+
+
+class CpmBeeAnswerLogitsProcessor(LogitsProcessor):
+    """CPM-Bee's decode-time processing of an answer's RAW logits, in the original beam search's order.
+
+    1. Suppress the ids a sample may not generate (set to -10000): `<unk>` unless it stands for an
+       out-of-vocabulary string of the sample, and ext-table columns of other samples of the batch.
+    2. CTRL repetition penalty (positive logits divided, negative multiplied) on every token of the answer so far,
+       its `<s>` included; a generated ext-table id is penalised as its base id, the id the original feeds back.
+    3. Temperature.
+
+    It must see raw logits: the penalty's sign test is lost on log-probabilities, which is what transformers' beam
+    search hands to logits processors. `CpmBeeGenerationMixin` therefore applies it inside the forward pass.
+
+    Args:
+        answer_start (`torch.LongTensor` of shape `(batch,)`): index of each row's answer `<s>`.
+        suppress_token_ids (`torch.LongTensor` of shape `(batch, n)`, *optional*): ids to suppress per row, -1 = none.
+        ext_table_ids (`torch.LongTensor` of shape `(batch, ext_size)`, *optional*): base id of each ext-table entry.
+        vocab_size (`int`): first ext-table id.
+    """
+
+    def __init__(
+        self,
+        answer_start: torch.Tensor,
+        vocab_size: int,
+        suppress_token_ids: torch.Tensor | None = None,
+        ext_table_ids: torch.Tensor | None = None,
+        repetition_penalty: float = 1.0,
+        temperature: float = 1.0,
+    ):
+        if repetition_penalty <= 0 or temperature <= 0:
+            raise ValueError(f"repetition_penalty ({repetition_penalty}) and temperature ({temperature}) must be > 0")
+        self.answer_start = answer_start
+        self.vocab_size = vocab_size
+        self.suppress_token_ids = suppress_token_ids
+        self.ext_table_ids = ext_table_ids
+        self.repetition_penalty = repetition_penalty
+        self.temperature = temperature
+
+    def _per_row(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        # generate() repeats every sample for its beams / returned sequences, consecutively
+        return tensor.repeat_interleave(rows // tensor.shape[0], dim=0).to(self.answer_start.device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, width = scores.shape
+        if self.suppress_token_ids is not None and self.suppress_token_ids.numel():
+            suppressed = self._per_row(self.suppress_token_ids, rows).to(scores.device)
+            mask = torch.zeros(rows, width + 1, dtype=torch.bool, device=scores.device)
+            mask.scatter_(1, suppressed.masked_fill(suppressed < 0, width), True)  # -1 lands in the spare column
+            scores = scores.masked_fill(mask[:, :width], SUPPRESSED_LOGIT)
+
+        if self.repetition_penalty != 1.0:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            in_answer = positions[None, :] >= self._per_row(self.answer_start, rows).to(input_ids.device)[:, None]
+            answer_ids = input_ids
+            if self.ext_table_ids is not None and self.ext_table_ids.shape[-1] > 0:
+                ext_ids = self._per_row(self.ext_table_ids, rows).to(input_ids.device)
+                ext_index = (input_ids - self.vocab_size).clamp(0, ext_ids.shape[-1] - 1)
+                answer_ids = torch.where(input_ids >= self.vocab_size, ext_ids.gather(1, ext_index), input_ids)
+            # tokens outside the answer point at a spare column, dropped below
+            answer_ids = answer_ids.masked_fill(~in_answer, width)
+            padded = torch.cat([scores, scores.new_zeros(rows, 1)], dim=1)
+            seen = padded.gather(1, answer_ids)
+            penalised = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
+            scores = padded.scatter(1, answer_ids, penalised)[:, :width]
+
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return scores
+
+
 # Per-token structure that generate() carries across steps, and the value a generated token takes:
 # it continues the last token's segment and sample as an answer token (context 0) whose sub-id comes from
 # the ext table through its id (so 0 here).
@@ -559,7 +633,67 @@ GENERATED_TOKEN_STRUCTURE = {
 }
 
 
-class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
+class CpmBeeGenerationMixin(GenerationMixin):
+    """transformers' generate() for CPM-Bee inputs.
+
+    * Carries the per-token structure across steps (`GENERATED_TOKEN_STRUCTURE`).
+    * `repetition_penalty` and `temperature` take the original's meaning: applied to the raw logits of the answer
+      (the last segment) by [`CpmBeeAnswerLogitsProcessor`], together with the per-row `suppress_token_ids` the
+      structured input provides. transformers' own penalty (on the whole prompt, and on log-probabilities in beam
+      search) and temperature are switched off so that nothing is applied twice.
+    """
+
+    def generate(self, inputs=None, generation_config=None, suppress_token_ids=None, **kwargs):
+        generation_config = copy.deepcopy(
+            generation_config if generation_config is not None else self.generation_config
+        )
+        model_kwargs = generation_config.update(**kwargs)
+        penalty = generation_config.repetition_penalty or 1.0
+        temperature = generation_config.temperature or 1.0
+        if penalty != 1.0 or temperature != 1.0 or suppress_token_ids is not None:
+            input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+            reference = input_ids if input_ids is not None else model_kwargs["inputs_embeds"][..., 0]
+            segment_ids = model_kwargs.get("segment_ids")
+            if segment_ids is None:
+                answer_start = torch.zeros(reference.shape[0], dtype=torch.long, device=reference.device)
+            else:
+                # the answer is the last segment; its first token (the answer's <s>) starts the penalised span
+                answer_start = (segment_ids == segment_ids[:, -1:]).long().argmax(dim=-1)
+            model_kwargs["answer_logits_processor"] = CpmBeeAnswerLogitsProcessor(
+                answer_start=answer_start,
+                vocab_size=self.config.get_text_config().vocab_size,
+                suppress_token_ids=suppress_token_ids,
+                ext_table_ids=model_kwargs.get("ext_table_ids"),
+                repetition_penalty=penalty,
+                temperature=temperature,
+            )
+            generation_config.repetition_penalty = 1.0
+            generation_config.temperature = 1.0
+        return super().generate(inputs, generation_config=generation_config, **model_kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, answer_logits_processor=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if answer_logits_processor is not None:
+            model_inputs["logits_transform"] = functools.partial(answer_logits_processor, input_ids)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        for name, fill in GENERATED_TOKEN_STRUCTURE.items():
+            tensor = model_kwargs.get(name)
+            if tensor is None:
+                continue
+            if fill is None:
+                new_columns = tensor[:, -1:].expand(-1, num_new_tokens)
+            else:
+                new_columns = tensor.new_full((tensor.shape[0], num_new_tokens), fill)
+            model_kwargs[name] = torch.cat([tensor, new_columns], dim=-1)
+        return model_kwargs
+
+
+class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.input_embedding.weight"}
 
     def __init__(self, config: CpmBeeConfig):
@@ -616,6 +750,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        logits_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -627,6 +762,8 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             and an answer's last position targets `</s>`. No shift is applied.
         logits_to_keep (`int`, defaults to 0):
             Compute logits for the last `logits_to_keep` positions only (0 = all).
+        logits_transform (`Callable`, *optional*):
+            Applied to the raw logits of the last position; generate() passes CPM-Bee's decode-time processing here.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -650,6 +787,8 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.compute_logits(hidden_states, ext_table_ids, ext_table_sub)
+        if logits_transform is not None:
+            logits = torch.cat([logits[:, :-1], logits_transform(logits[:, -1])[:, None]], dim=1)
 
         loss = None
         if labels is not None:
@@ -660,20 +799,11 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-        for name, fill in GENERATED_TOKEN_STRUCTURE.items():
-            tensor = model_kwargs.get(name)
-            if tensor is None:
-                continue
-            if fill is None:
-                new_columns = tensor[:, -1:].expand(-1, num_new_tokens)
-            else:
-                new_columns = tensor.new_full((tensor.shape[0], num_new_tokens), fill)
-            model_kwargs[name] = torch.cat([tensor, new_columns], dim=-1)
-        return model_kwargs
 
-
-__all__ = ["CpmBeePreTrainedModel", "CpmBeeModel", "CpmBeeForCausalLM"]
+__all__ = [
+    "CpmBeeAnswerLogitsProcessor",
+    "CpmBeeForCausalLM",
+    "CpmBeeGenerationMixin",
+    "CpmBeeModel",
+    "CpmBeePreTrainedModel",
+]

@@ -245,8 +245,8 @@ def encode_structured(
     )
 
 
-def _pad_rows(rows: Sequence[torch.Tensor], length: int, left: bool) -> torch.Tensor:
-    padded = torch.zeros(len(rows), length, dtype=torch.long)
+def _pad_rows(rows: Sequence[torch.Tensor], length: int, left: bool, fill: int = 0) -> torch.Tensor:
+    padded = torch.full((len(rows), length), fill, dtype=torch.long)
     for index, row in enumerate(rows):
         if left:
             padded[index, length - len(row) :] = row
@@ -364,8 +364,31 @@ def _drop_predicted_tokens(segments: CpmBeeSegments) -> CpmBeeSegments:
     )
 
 
+def _start_answer(tokenizer: CpmBeeTokenizer, row: CpmBeeSegments, answer_segment: int) -> CpmBeeSegments:
+    """Appends the answer's `<s>`, as an answer token of its segment: the first token a decoder feeds."""
+
+    def append(tensor, value):
+        return torch.cat([tensor, torch.tensor([value], dtype=tensor.dtype)])
+
+    return dataclasses.replace(
+        row,
+        input_ids=append(row.input_ids, tokenizer.bos_token_id),
+        input_id_subs=append(row.input_id_subs, 0),
+        context=append(row.context, False),
+        segment_ids=append(row.segment_ids, answer_segment),
+    )
+
+
+def _suppressed_ids(tokenizer: CpmBeeTokenizer, sample_ext_table: dict[int, str], batch_ext_size: int) -> list[int]:
+    """Ids the original's beam search never lets a sample generate: `<unk>`, unless it stands for an out-of-vocabulary
+    string of the sample, and the batch ext-table entries of other samples."""
+    suppressed = [] if tokenizer.unk_token_id in sample_ext_table else [tokenizer.unk_token_id]
+    ext_ids = range(tokenizer.vocab_size, tokenizer.vocab_size + batch_ext_size)
+    return suppressed + [ext_id for ext_id in ext_ids if ext_id not in sample_ext_table]
+
+
 def build_generation_batch(
-    tokenizer: CpmBeeTokenizer, prompts: Sequence[Mapping], max_depth: int = 8
+    tokenizer: CpmBeeTokenizer, prompts: Sequence[Mapping], max_depth: int = 8, start_answer: bool = True
 ) -> CpmBeeGenerationBatch:
     """
     Encodes prompts for generation (the original `VLLMCPMBeeGeneration._process_list`).
@@ -373,6 +396,11 @@ def build_generation_batch(
     Each prompt is a structured input with a top-level `<ans>` key; its values (text, if any, is ignored) become
     `<ans_N>` placeholders. The tokens to predict (`context` False: the `<s>` and `<ans>` of each answer segment) are
     removed, so that generation starts each answer segment with `<s>`; the prompt itself is all context.
+
+    With `start_answer` (for transformers' `generate()`), each prompt ends with the `<s>` of its answer segment, an
+    answer token (context 0): the token the original feeds as its first decoding step. A prompt must then have one
+    answer. `model_inputs["suppress_token_ids"]` lists, per row, the ids the original never lets that sample generate
+    (-1 pads); `CpmBeeGenerationMixin.generate` takes it.
 
     Unlike the original, which takes `image_bound` from the last sample only and in unpadded positions,
     `image_bound` is per sample and in padded positions; both agree for a batch of one.
@@ -387,7 +415,15 @@ def build_generation_batch(
         to_predict = _segments_to_predict(tokenizer, segments)
         if not to_predict:
             raise ValueError(f"Nothing to predict in {prompt}: its {ANSWER_KEY!r} value has no string to generate.")
-        rows.append(_drop_predicted_tokens(segments))
+        row = _drop_predicted_tokens(segments)
+        if start_answer:
+            if len(to_predict) != 1:
+                raise ValueError(
+                    f"generate() writes one answer per prompt, but {prompt} asks for {len(to_predict)}: make the "
+                    f"{ANSWER_KEY!r} value a single string, or pass start_answer=False and decode the answers yourself."
+                )
+            row = _start_answer(tokenizer, row, answer_segment=to_predict[0][0])
+        rows.append(row)
         predict_segments.append(to_predict)
         answer_placeholders.append(placeholders)
         ext_tables.append(_sample_ext_table(tokenizer, segments.ext_states, batch_ext_index))
@@ -398,12 +434,13 @@ def build_generation_batch(
     attention_mask = _pad_rows([torch.ones(n, dtype=torch.long) for n in lengths], length, left=True)
     ext_ids = torch.tensor([base_id for base_id, _ in batch_ext_index], dtype=torch.long)
     ext_subs = torch.tensor([sub for _, sub in batch_ext_index], dtype=torch.long)
+    suppressed = [_suppressed_ids(tokenizer, table, len(batch_ext_index)) for table in ext_tables]
     model_inputs = {
         "input_ids": _pad_rows([row.input_ids for row in rows], length, left=True),
         "input_id_subs": _pad_rows([row.input_id_subs for row in rows], length, left=True),
         "attention_mask": attention_mask,
-        # The whole prompt is context; padding is not.
-        "context": attention_mask.bool(),
+        # Padding is not context.
+        "context": _pad_rows([row.context for row in rows], length, left=True).bool(),
         "segment_ids": _pad_rows([row.segment_ids for row in rows], length, left=True),
         "num_segments": attention_mask * torch.tensor([row.num_segments for row in rows]).unsqueeze(1),
         # One sample per row: no in-context samples, so one relation table, at offset 0.
@@ -414,6 +451,9 @@ def build_generation_batch(
         "sample_ids": torch.zeros(len(rows), length, dtype=torch.long),
         "ext_table_ids": ext_ids.repeat(len(rows), 1),
         "ext_table_sub": ext_subs.repeat(len(rows), 1),
+        "suppress_token_ids": _pad_rows(
+            [torch.tensor(ids, dtype=torch.long) for ids in suppressed], max(map(len, suppressed)), left=False, fill=-1
+        ),
         "image_bound": _stack_image_bounds([row.image_bound + (length - n) for row, n in zip(rows, lengths)]),
     }
     return CpmBeeGenerationBatch(model_inputs, predict_segments, answer_placeholders, ext_tables, filled_prompts)

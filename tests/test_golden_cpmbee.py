@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from conftest import golden_root, load_json
 from viscpm.conversion.checkpoint import cpmbee_config_from_original, load_original_cpmbee, read_original_checkpoint
 from viscpm.modeling.modeling_cpmbee import CpmBeeForCausalLM
-from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, encode_structured
+from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, build_generation_batch, encode_structured
 from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 pytestmark = pytest.mark.golden
@@ -334,3 +334,52 @@ def test_teacher_forced_loss_from_structured_input(chat_llm, tokenizer, golden_d
             outputs = chat_llm(inputs_embeds=embeds, use_cache=False, **model_inputs)
         assert torch.equal(batch["labels"], golden[f"{name}.target"].long()), f"{name}.target"
         torch.testing.assert_close(outputs.loss, golden[f"{name}.loss"], rtol=1e-5, atol=0)
+
+
+def beam_cases():
+    return load_json(golden_root() / "chat" / "generate_beam.json")
+
+
+@pytest.mark.parametrize(
+    "case", beam_cases(), ids=lambda c: f"p{c['prompt_index']}-i{c['image_index']}-beam{c['settings']['beam_size']}"
+)
+def test_generate_equals_original_beam_search(chat_llm, tokenizer, golden_dir, case):
+    """transformers' generate() with CPM-Bee's decode-time processing reproduces the original's beam search.
+
+    The original runs `max_length + 2` decoding steps at most (it adds one for `</s>` and loops `range(max + 1)`).
+    Its vision states are the golden ones, placed at the image bound.
+    """
+    settings = case["settings"]
+    vision = load_file(golden_dir / "chat" / "generate_beam.safetensors")
+    # vision states depend on the image only: any setting of this (prompt, image) pair holds them
+    prefix = f"p{case['prompt_index']}_i{case['image_index']}_"
+    vision_states = next(value for key, value in vision.items() if key.startswith(prefix))
+    query_num = vision_states.shape[1]
+    prompt = {"image": "<unk>" * query_num, **case["extra_inp_dict"], "<ans>": ""}
+    batch = build_generation_batch(tokenizer, [prompt])
+    inputs = dict(batch.model_inputs)
+    image_bound = inputs.pop("image_bound")
+    embeds = chat_llm.model.embed_tokens(
+        inputs["input_ids"], inputs["input_id_subs"], inputs["ext_table_ids"], inputs["ext_table_sub"]
+    )
+    embeds = place_vision_states(embeds, vision_states, image_bound)
+    with torch.no_grad():
+        sequences = chat_llm.generate(
+            **inputs,
+            inputs_embeds=embeds,
+            num_beams=settings["beam_size"],
+            do_sample=False,
+            max_new_tokens=settings["max_length"] + 2,
+            length_penalty=float(settings["length_penalty"]),
+            early_stopping="never",
+            repetition_penalty=float(settings["repetition_penalty"]),
+            temperature=float(settings["temperature"]),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    generated = sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    ((expected_ids, expected_segments),) = [list(zip(*case["result_ids"][0]))]
+    assert generated == list(expected_ids)
+    assert set(expected_segments) == {answer for _, answer in batch.predict_segments[0]}
+    answer_ids = generated[:-1] if generated[-1] == tokenizer.eos_token_id else generated
+    assert tokenizer.decode(answer_ids, ext_table=batch.ext_tables[0]) == case["answer"]

@@ -116,7 +116,7 @@ def test_generation_batch(tokenizer, golden_dir, batch):
         if key.startswith(f"{name}.")
     }
     prompts = copy.deepcopy(case["data_list_in"])
-    result = build_generation_batch(tokenizer, prompts)
+    result = build_generation_batch(tokenizer, prompts, start_answer=False)
     inputs = result.model_inputs
 
     assert prompts == case["data_list_in"], "the prompts must not be modified (the original fills them in place)"
@@ -151,6 +151,27 @@ def test_generation_batch(tokenizer, golden_dir, batch):
     assert_tensor_equal(inputs["image_bound"][-1:] - last_padding, expected["image_bound"], f"{name}: image_bound")
     if all(length == inputs["input_ids"].shape[1] for length in inputs["attention_mask"].sum(1).tolist()):
         assert_tensor_equal(inputs["image_bound"], expected["image_bound"].expand_as(inputs["image_bound"]), name)
+
+    # What the original's beam search masks per sample: <unk> unless the sample's ext table has it, and the batch
+    # ext-table columns the sample's table lacks.
+    vocab_size, batch_ext_size = tokenizer.vocab_size, expected["batch_ext_table_ids"].shape[0]
+    for row, info in enumerate(case["other_info"]):
+        own = {token_id for token_id, _ in info["ext_table"]}
+        expected_suppressed = [tokenizer.unk_token_id] if tokenizer.unk_token_id not in own else []
+        expected_suppressed += [i for i in range(vocab_size, vocab_size + batch_ext_size) if i not in own]
+        suppressed = [i for i in inputs["suppress_token_ids"][row].tolist() if i >= 0]
+        assert suppressed == expected_suppressed, f"{name}: suppress_token_ids[{row}]"
+
+    # For generate(), each prompt also gets its answer's <s> (an answer token of the predicted segment).
+    started = build_generation_batch(tokenizer, prompts).model_inputs
+    for row, info in enumerate(case["other_info"]):
+        ((answer_segment, _),) = info["predict_segments"]
+        assert started["input_ids"][row, -1] == tokenizer.bos_token_id and not started["context"][row, -1]
+        assert started["segment_ids"][row, -1] == answer_segment
+        real = started["attention_mask"][row].bool()
+        assert torch.equal(
+            started["input_ids"][row][real][:-1], inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        )
 
 
 @pytest.mark.golden
@@ -286,7 +307,9 @@ def test_generation_batch_by_hand(tiny_tokenizer):
     long_prompt = {"image": "<unk><unk>", "q": "abc", "<ans>": {"x": "", "y": {"a": "ignored"}}}
     short_prompt = {"<ans>": "", "image": "<unk>"}
     prompts = copy.deepcopy([long_prompt, short_prompt])
-    batch = build_generation_batch(tiny_tokenizer, prompts)
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        build_generation_batch(tiny_tokenizer, prompts)
+    batch = build_generation_batch(tiny_tokenizer, prompts, start_answer=False)
     inputs = batch.model_inputs
     assert prompts == [long_prompt, short_prompt], "prompts must not be modified"
 
