@@ -396,3 +396,50 @@ def test_ext_id_without_ext_table_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="no ext table was given"):
         model(input_ids=torch.tensor([[1, VOCAB + 2]]))
+
+
+def test_answer_logits_processor_follows_the_original_order():
+    """Suppress, then CTRL penalty on raw logits over the answer (ext ids as their base id), then temperature."""
+    from viscpm.modeling.modeling_cpmbee import CpmBeeAnswerLogitsProcessor
+
+    vocab = 6
+    scores = torch.tensor([[2.0, -2.0, 4.0, -4.0, 1.0, 3.0, 5.0, 7.0]])  # 6 vocab columns + 2 ext columns
+    # prompt [0, 1], answer starts at index 2: <s>=4 then ext id 7 (= base id 3) and token 2
+    input_ids = torch.tensor([[0, 1, 4, 7, 2]])
+    processor = CpmBeeAnswerLogitsProcessor(
+        answer_start=torch.tensor([2]),
+        vocab_size=vocab,
+        suppress_token_ids=torch.tensor([[6, -1]]),
+        ext_table_ids=torch.tensor([[5, 3]]),
+        repetition_penalty=2.0,
+        temperature=0.5,
+    )
+    expected = torch.tensor([[2.0, -2.0, 2.0, -8.0, 0.5, 3.0, -10000.0, 7.0]]) / 0.5
+    torch.testing.assert_close(processor(input_ids, scores), expected)
+    # beams: each sample's rows are consecutive; row 1 belongs to the same sample
+    doubled = processor(input_ids.repeat(2, 1), scores.repeat(2, 1))
+    torch.testing.assert_close(doubled, expected.repeat(2, 1))
+
+
+def test_generate_applies_penalty_and_temperature_once():
+    """generate()'s repetition_penalty / temperature are CPM-Bee's, applied once on raw logits of the answer."""
+    model = tiny_model()
+    inputs = generation_prompt(seed=5)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=4,
+        do_sample=False,
+        repetition_penalty=3.0,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    prompt_length = inputs["input_ids"].shape[1]
+    raw = model(**extend_structure(inputs, out.sequences[:, prompt_length:-1])).logits[0, prompt_length - 1 :]
+    for step, logits in enumerate(out.scores):
+        answer = out.sequences[0, prompt_length - 1 : prompt_length + step].unique()
+        expected = raw[step].clone()
+        seen = expected[answer]
+        expected[answer] = torch.where(seen < 0, seen * 3.0, seen / 3.0)
+        torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)
