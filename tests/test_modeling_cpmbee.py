@@ -432,7 +432,7 @@ def test_generate_applies_penalty_and_temperature_once():
         repetition_penalty=3.0,
         eos_token_id=None,
         pad_token_id=0,
-        output_logits=True,
+        output_scores=True,
         return_dict_in_generate=True,
     )
     prompt_length = inputs["input_ids"].shape[1]
