@@ -175,21 +175,22 @@ def test_prefill_and_decode_steps_with_kv_cache(chat_llm, golden_dir, case):
     assert_close(embeds, golden[f"{case}.vllm_embedding"], "vllm_embedding")
 
     cache = DynamicCache(config=chat_llm.config)
-    with torch.no_grad():
-        outputs = chat_llm(
-            inputs_embeds=embeds,
-            segment_rel=golden[f"{prefix}segment_rel"],
-            cache=cache,
-            use_cache=True,
-            output_hidden_states=True,
-            **structure,
-            **ext,
-        )
-    assert_close(
-        chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]),
-        golden[f"{case}.prefill.hidden"],
-        "prefill.hidden",
-    )
+
+    def forward_with_cache(**new_tokens):
+        with torch.no_grad():
+            outputs = chat_llm(
+                segment_rel=golden[f"{prefix}segment_rel"],
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+                **new_tokens,
+                **structure,
+                **ext,
+            )
+        return outputs, chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1])
+
+    outputs, hidden = forward_with_cache(inputs_embeds=embeds)
+    assert_close(hidden, golden[f"{case}.prefill.hidden"], "prefill.hidden")
     assert_logits_match(outputs.logits[0], golden, f"{case}.prefill.logits")
     for layer, cached in enumerate(cache.layers):
         assert_close(cached.keys, golden[f"{case}.prefill.buffer.{layer}.k"], f"prefill.buffer.{layer}.k")
@@ -209,21 +210,8 @@ def test_prefill_and_decode_steps_with_kv_cache(chat_llm, golden_dir, case):
         for name, value in fed.items():
             last = structure[name][:, -1:]
             structure[name] = torch.cat([structure[name], last if value is None else torch.full_like(last, value)], 1)
-        with torch.no_grad():
-            outputs = chat_llm(
-                input_ids=torch.full((rows, 1), step["fed_token"]),
-                segment_rel=golden[f"{prefix}segment_rel"],
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=True,
-                **structure,
-                **ext,
-            )
-        assert_close(
-            chat_llm.model.encoder.output_layernorm(outputs.hidden_states[-1]),
-            golden[f"{case}.step{step['step']}.hidden"],
-            f"step{step['step']}.hidden",
-        )
+        outputs, hidden = forward_with_cache(input_ids=torch.full((rows, 1), step["fed_token"]))
+        assert_close(hidden, golden[f"{case}.step{step['step']}.hidden"], f"step{step['step']}.hidden")
         assert int(outputs.logits[0, -1].argmax()) == step["argmax_raw_id"]
         step_logits.append(outputs.logits[0, -1])
     step_logits = torch.stack(step_logits)
