@@ -65,37 +65,44 @@ def cpmbee_config_from_original(original: Mapping) -> CpmBeeConfig:
     return CpmBeeConfig(**fields)
 
 
+def map_state_dict(
+    targets: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    key_map: Callable[[str], str | None],
+    hint: str = "",
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` renamed through ``key_map`` (original key -> model key, None = not the model's).
+
+    ``targets`` is the model's state dict (meta tensors will do: only names and shapes are read). Raises
+    `CheckpointMismatchError` naming every missing, unexpected and mis-shaped key.
+    """
+    mapped, unexpected, mismatched = {}, [], []
+    for original_key, tensor in state_dict.items():
+        key = key_map(original_key)
+        if key is None:
+            continue
+        if key not in targets:
+            unexpected.append(original_key)
+        elif tensor.shape != targets[key].shape:
+            mismatched.append(f"{original_key} {tuple(tensor.shape)} != {tuple(targets[key].shape)}")
+        mapped[key] = tensor
+    missing = sorted(set(targets) - set(mapped))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched, hint)
+    return mapped
+
+
 def load_mapped_state_dict(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
     key_map: Callable[[str], str | None],
     hint: str = "",
 ) -> None:
-    """Copy ``state_dict`` into ``module`` through ``key_map`` (original key -> module key, None = not ours).
-
-    Raises `CheckpointMismatchError` naming every missing, unexpected and mis-shaped key; nothing is copied then.
-    """
+    """Copy ``state_dict`` into ``module`` through ``key_map``; nothing is copied if any key does not fit."""
     targets = module.state_dict()
-    mapped = {}
-    unexpected = []
-    for original_key, tensor in state_dict.items():
-        key = key_map(original_key)
-        if key is None:
-            continue
-        if key in targets:
-            mapped[key] = (original_key, tensor)
-        else:
-            unexpected.append(original_key)
-    missing = sorted(set(targets) - set(mapped))
-    mismatched = [
-        f"{original_key} {tuple(tensor.shape)} != {tuple(targets[key].shape)}"
-        for key, (original_key, tensor) in mapped.items()
-        if tensor.shape != targets[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(missing, unexpected, mismatched, hint)
+    mapped = map_state_dict(targets, state_dict, key_map, hint)
     with torch.no_grad():
-        for key, (_, tensor) in mapped.items():
+        for key, tensor in mapped.items():
             targets[key].copy_(tensor)
 
 

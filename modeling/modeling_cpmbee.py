@@ -637,19 +637,24 @@ class CpmBeeGenerationMixin(GenerationMixin):
     """transformers' generate() for CPM-Bee inputs.
 
     * Carries the per-token structure across steps (`GENERATED_TOKEN_STRUCTURE`).
-    * `repetition_penalty` and `temperature` take the original's meaning: applied to the raw logits of the answer
-      (the last segment) by [`CpmBeeAnswerLogitsProcessor`], together with the per-row `suppress_token_ids` the
-      structured input provides. transformers' own penalty (on the whole prompt, and on log-probabilities in beam
-      search) and temperature are switched off so that nothing is applied twice.
+    * `repetition_penalty` and `temperature` (saved as `cpmbee_temperature` in a generation config, since
+      transformers only accepts `temperature` with sampling) take the original's meaning: applied to the raw logits
+      of the answer (the last segment) by [`CpmBeeAnswerLogitsProcessor`], together with the per-row
+      `suppress_token_ids` the structured input provides. transformers' own penalty (on the whole prompt, and on
+      log-probabilities in beam search) and temperature are switched off so that nothing is applied twice.
     """
 
-    def generate(self, inputs=None, generation_config=None, suppress_token_ids=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, suppress_token_ids=None, ext_tables=None, **kwargs):
+        # `ext_tables` (decode tables a processor returns next to the model inputs) are for the tokenizer only
         generation_config = copy.deepcopy(
             generation_config if generation_config is not None else self.generation_config
         )
+        # transformers validates `temperature` as sampling-only, so a saved beam-search default lives in
+        # `cpmbee_temperature`; an explicit `temperature=` argument wins
+        temperature = kwargs.get("temperature") or getattr(generation_config, "cpmbee_temperature", None)
         model_kwargs = generation_config.update(**kwargs)
+        temperature = temperature or generation_config.temperature or 1.0
         penalty = generation_config.repetition_penalty or 1.0
-        temperature = generation_config.temperature or 1.0
         if penalty != 1.0 or temperature != 1.0 or suppress_token_ids is not None:
             input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
             reference = input_ids if input_ids is not None else model_kwargs["inputs_embeds"][..., 0]

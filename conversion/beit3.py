@@ -1,0 +1,92 @@
+"""The BEiT-3 vision tower of an original VisCPM-Chat checkpoint, in and out of `Beit3VisionModel`.
+
+The original checkpoint keeps the tower under ``vpm.beit3.`` (``VLU_CPMBee.vpm`` is the ``BEiT3Wrapper``, whose
+``beit3`` is torchscale's ``BEiT3``). `Beit3VisionModel` keeps torchscale's module tree except for:
+
+* the multiway experts ``A`` / ``B`` are named ``image`` / ``text``;
+* the embeddings live under ``embeddings.``: ``vision_embed.proj`` -> ``embeddings.patch_embedding``,
+  ``vision_embed.cls_token`` -> ``embeddings.cls_token``, and the multiway position table
+  ``encoder.embed_positions.{A,B}`` -> ``embeddings.{image,text}_position_embedding``.
+
+Original tensors that `Beit3VisionModel` does not have (the key map returns ``None`` for them):
+
+* ``vpm.mim_head.*``: a ``Linear(1024, 8192)`` masked-image-modelling head that ``BEiT3Wrapper`` hard-codes and no
+  forward uses;
+* ``vpm.beit3.text_embed.weight``: BEiT-3's token embedding (64010 rows); VisCPM never feeds text to BEiT-3 and
+  reads it only once, at construction, to initialise two of its learned queries;
+* ``vpm.beit3.vision_embed.mask_token``: the masked-patch token of BEiT-3 pre-training, unused without
+  ``vision_masked_position``.
+
+They cannot be recomputed from the model, so writing a checkpoint back in the original layout has to carry them
+over from the source checkpoint (`DROPPED_ORIGINAL_PREFIXES` names them).
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+from ..modeling.modeling_beit3 import Beit3VisionModel
+from .checkpoint import load_mapped_state_dict
+
+# `VLU_CPMBee.vpm` (BEiT3Wrapper) -> `.beit3` (torchscale BEiT3)
+BEIT3_PREFIX = "vpm.beit3."
+
+# original keys (or key prefixes, ending in '.') that have no counterpart in `Beit3VisionModel`: see the module doc
+DROPPED_ORIGINAL_PREFIXES = ("vpm.mim_head.", "vpm.beit3.text_embed.", "vpm.beit3.vision_embed.mask_token")
+
+# whole modules that moved (original name under `vpm.beit3.` -> our name); everything else keeps its name
+MOVED_MODULES = {
+    "vision_embed.cls_token": "embeddings.cls_token",
+    "vision_embed.proj": "embeddings.patch_embedding",
+    "encoder.embed_positions.A": "embeddings.image_position_embedding",
+    "encoder.embed_positions.B": "embeddings.text_position_embedding",
+}
+
+# multiway experts: the `A` / `B` child of a torchscale MultiwayNetwork -> the `image` / `text` child of Beit3Multiway
+EXPERT_NAMES = {"A": "image", "B": "text"}
+
+
+def _is_dropped(original_key: str) -> bool:
+    return any(
+        original_key == prefix or (prefix.endswith(".") and original_key.startswith(prefix))
+        for prefix in DROPPED_ORIGINAL_PREFIXES
+    )
+
+
+def _rename(name: str, moves: Mapping[str, str], experts: Mapping[str, str]) -> str:
+    for source, target in moves.items():
+        if name == source or name.startswith(source + "."):
+            return target + name[len(source) :]
+    return ".".join(experts.get(part, part) for part in name.split("."))
+
+
+def beit3_key(original_key: str, prefix: str = BEIT3_PREFIX) -> str | None:
+    """Original checkpoint key -> `Beit3VisionModel` key; ``None`` for keys that are not the tower's or are dropped.
+
+    A key under ``prefix`` that the tower does not know maps to a name the model lacks, so loading reports it.
+    """
+    if _is_dropped(original_key) or not original_key.startswith(prefix):
+        return None
+    return _rename(original_key[len(prefix) :], MOVED_MODULES, EXPERT_NAMES)
+
+
+def original_beit3_key(key: str, prefix: str = BEIT3_PREFIX) -> str:
+    """`Beit3VisionModel` key -> original checkpoint key (the inverse of `beit3_key`)."""
+    moves = {ours: theirs for theirs, ours in MOVED_MODULES.items()}
+    experts = {ours: theirs for theirs, ours in EXPERT_NAMES.items()}
+    return prefix + _rename(key, moves, experts)
+
+
+def load_original_beit3(
+    model: Beit3VisionModel, state_dict: Mapping[str, torch.Tensor], prefix: str = BEIT3_PREFIX
+) -> None:
+    """Load the ``vpm.beit3.*`` tensors of an original VisCPM-Chat checkpoint into a `Beit3VisionModel`.
+
+    Raises `CheckpointMismatchError` (nothing copied) when keys are missing, unknown or mis-shaped.
+    """
+    load_mapped_state_dict(
+        model,
+        state_dict,
+        lambda key: beit3_key(key, prefix),
+        hint=f"expected the BEiT-3 weights under '{prefix}' with the dimensions of the config",
+    )
