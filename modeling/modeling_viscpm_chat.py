@@ -214,13 +214,24 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         return model_inputs
 
     @torch.no_grad()
-    def chat(self, image, question, processor, context="", vision_hidden_states=None, **generate_kwargs):
+    def chat(
+        self,
+        image,
+        question,
+        processor,
+        context="",
+        vision_hidden_states=None,
+        return_token_ids: bool = False,
+        **generate_kwargs,
+    ):
         """One turn of the original `VisCPMChat.chat`: returns `(answer, context, vision_hidden_states)`.
 
         `context` is the conversation so far (`"User: ...\\nAI: ...\\n"` per turn) and `vision_hidden_states` the
         features returned by the previous turn, to skip the vision tower. Lists of images, questions (and contexts)
         chat in a batch and return lists. `generate_kwargs` override the chat defaults (`generation_config.json`),
         e.g. `num_beams=1` or `streamer=TextIteratorStreamer(...)` (greedy or sampling only).
+        `return_token_ids=True` adds a fourth item: the generated ids of each answer up to and including its first
+        `</s>` (a list of ints, a list of those for a batch; ids >= vocab_size index the row's ext table).
         """
         batched = isinstance(question, (list, tuple))
         questions = list(question) if batched else [question]
@@ -234,13 +245,17 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         ext_tables = inputs.pop("ext_tables")
         inputs = inputs.to(self.device)
         sequences = self.generate(**inputs, vision_hidden_states=vision_hidden_states, **generate_kwargs)
-        answers = processor.decode_answers(sequences[:, inputs["input_ids"].shape[1] :], ext_tables)
+        generated = sequences[:, inputs["input_ids"].shape[1] :]
+        answers = processor.decode_answers(generated, ext_tables)
         new_contexts = [
             f"{previous}User: {asked}\nAI: {answer}\n" for previous, asked, answer in zip(contexts, questions, answers)
         ]
-        if batched:
+        if not batched:
+            answers, new_contexts = answers[0], new_contexts[0]
+        if not return_token_ids:
             return answers, new_contexts, vision_hidden_states
-        return answers[0], new_contexts[0], vision_hidden_states
+        token_ids = processor.answer_token_ids(generated)
+        return answers, new_contexts, vision_hidden_states, token_ids if batched else token_ids[0]
 
 
 __all__ = ["VisCPMChatForConditionalGeneration", "VisCPMChatOutput", "VisCPMChatPreTrainedModel"]

@@ -81,15 +81,19 @@ class VisCPMChatProcessor(ProcessorMixin):
         features["ext_tables"] = batch.ext_tables
         return features
 
+    def answer_token_ids(self, generated_ids) -> list[list[int]]:
+        """Each generated row up to and including its first `</s>` (what follows is padding)."""
+        eos = self.tokenizer.eos_token_id
+        return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in generated_ids.tolist()]
+
     def decode_answers(self, generated_ids, ext_tables: Sequence[dict]) -> list[str]:
-        """Texts of generated answers, as the original decodes them: up to the first `</s>`, with the row's ext
+        """Texts of generated answers, as the original decodes them: without the final `</s>`, with the row's ext
         table (which gives its out-of-vocabulary strings back)."""
-        answers = []
-        for ids, ext_table in zip(generated_ids.tolist(), ext_tables):
-            if self.tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-            answers.append(self.tokenizer.decode(ids, ext_table=ext_table))
-        return answers
+        eos = self.tokenizer.eos_token_id
+        return [
+            self.tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids, ext_table=ext_table)
+            for ids, ext_table in zip(self.answer_token_ids(generated_ids), ext_tables)
+        ]
 
 
 __all__ = ["VisCPMChatProcessor"]

@@ -1,0 +1,246 @@
+"""The `viscpm` command line (also `python -m viscpm`).
+
+    viscpm convert chat --checkpoint ORIGINAL.pt --vocab bee.txt --output DIR [--config FILE] [--overwrite]
+    viscpm chat --model DIR --image PATH --question TEXT [--context TEXT] [--max-new-tokens N] [--num-beams N]
+                [--do-sample] [--seed S] [--json]
+
+One function per (sub)command, all wired up in `build_parser()`: a new command (`paint`, `train`, `serve`, `demo`)
+is a `_add_<name>_parser(subcommands)` plus a `_run_<name>(args) -> int`; a new converter is one more parser under
+`convert`. Bad input ends in one line `viscpm: error: ...` on stderr and exit status 2 (argparse's convention), never
+in a traceback.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+PROG = "viscpm"
+# exit status of a usage or input error (argparse's own) and of an interrupt (128 + SIGINT)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """Bad input a command found: printed as one `viscpm: error: ...` line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------- convert
+
+
+def _add_convert_parser(subcommands) -> None:
+    convert = subcommands.add_parser(
+        "convert",
+        help="convert an original VisCPM checkpoint into a Hugging Face folder",
+        description="Convert an original VisCPM checkpoint into a folder that transformers' Auto classes load "
+        "(after `import viscpm`).",
+    )
+    models = convert.add_subparsers(dest="model", metavar="MODEL", required=True)
+
+    chat = models.add_parser(
+        "chat",
+        help="VisCPM-Chat",
+        description="Convert an original VisCPM-Chat checkpoint (model, tokenizer, image processor, processor) into "
+        "DIR. The folder appears only when complete.",
+    )
+    chat.add_argument("--checkpoint", required=True, type=Path, metavar="ORIGINAL.pt", help="original checkpoint")
+    chat.add_argument("--vocab", required=True, type=Path, metavar="bee.txt", help="CPM-Bee vocabulary file")
+    chat.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write")
+    chat.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="original-format JSON config, for what the weights do not show (default: the released VisCPM-Chat's)",
+    )
+    chat.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    chat.set_defaults(handler=_run_convert_chat)
+
+
+def _run_convert_chat(args: argparse.Namespace) -> int:
+    from .conversion.chat import convert_chat
+    from .conversion.checkpoint import CheckpointError
+
+    for flag, path in (("--checkpoint", args.checkpoint), ("--vocab", args.vocab), ("--config", args.config)):
+        if path is not None and not path.is_file():
+            raise CommandError(f"{flag} {path}: no such file")
+    if args.output.exists() and not args.output.is_dir():
+        raise CommandError(f"--output {args.output} is a file, not a folder: choose another --output")
+    try:
+        output = convert_chat(args.checkpoint, args.vocab, args.output, config=args.config, overwrite=args.overwrite)
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--config {args.config} is not valid JSON: {error}") from error
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from error
+    print(f"converted {args.checkpoint} to {output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- chat
+
+
+def _add_chat_parser(subcommands) -> None:
+    chat = subcommands.add_parser(
+        "chat",
+        help="ask VisCPM-Chat a question about an image",
+        description="Ask a converted VisCPM-Chat model one question about an image (on CPU, float32). Decoding "
+        "defaults come from the folder's generation_config.json (the original's: beam search with 3 beams); the "
+        "options below override them only when given.",
+    )
+    chat.add_argument("--model", required=True, type=Path, metavar="DIR", help="converted VisCPM-Chat folder")
+    chat.add_argument("--image", required=True, type=Path, metavar="PATH", help="image file")
+    chat.add_argument("--question", required=True, metavar="TEXT", help="the question (CPM-Bee markup: write < as <<)")
+    chat.add_argument(
+        "--context",
+        default="",
+        metavar="TEXT",
+        help='the conversation so far, "User: ...\\nAI: ...\\n" per turn (the "context" of an earlier --json)',
+    )
+    chat.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="most tokens to generate")
+    chat.add_argument("--num-beams", type=_positive_int, metavar="N", help="beams of the beam search (1: greedy)")
+    chat.add_argument("--do-sample", action="store_true", help="sample instead of searching")
+    chat.add_argument("--seed", type=_int, metavar="S", help="seed torch's random generator (for --do-sample)")
+    chat.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object {"answer", "context", "token_ids"} instead of the answer',
+    )
+    chat.set_defaults(handler=_run_chat)
+
+
+def _check_chat_folder(model_dir: Path) -> None:
+    """Fails early, and clearly, on a folder that is not a converted VisCPM-Chat model."""
+    from .modeling.configuration_viscpm_chat import VisCPMChatConfig
+
+    if not model_dir.exists():
+        raise CommandError(f"--model {model_dir}: no such folder")
+    if not model_dir.is_dir():
+        raise CommandError(f"--model {model_dir}: not a folder (pass the folder `viscpm convert chat` wrote)")
+    config_file = model_dir / "config.json"
+    hint = "convert the original checkpoint with `viscpm convert chat`"
+    if not config_file.is_file():
+        raise CommandError(f"--model {model_dir}: no config.json, not a converted VisCPM-Chat folder ({hint})")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError, OSError) as error:
+        raise CommandError(f"--model {model_dir}: cannot read config.json ({error})") from error
+    if model_type != VisCPMChatConfig.model_type:
+        raise CommandError(
+            f"--model {model_dir}: a {model_type!r} model, not VisCPM-Chat ({VisCPMChatConfig.model_type!r}); {hint}"
+        )
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise CommandError("--question is empty: ask a question about the image")
+    _check_chat_folder(args.model)
+
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    import viscpm  # noqa: F401  (registers the VisCPM classes with the Auto classes)
+
+    from .modeling.image_processing_viscpm_chat import InvalidImageError, load_image
+
+    try:
+        processor = AutoProcessor.from_pretrained(args.model)
+    except (OSError, ValueError, TypeError) as error:
+        raise CommandError(f"--model {args.model}: cannot load the processor ({error})") from error
+    try:
+        # the folder's own pixel limit, if it has one
+        image_processor = getattr(processor, "image_processor", None)
+        image = image_processor.load_image(args.image) if image_processor is not None else load_image(args.image)
+    except InvalidImageError as error:  # ImageTooLargeError included
+        raise CommandError(f"--image: {error}") from error
+    try:
+        # prompt checks (length, markup) before the model is loaded; chat() builds the same prompt again
+        processor(text=args.question, context=args.context)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    try:
+        model = AutoModel.from_pretrained(args.model, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--model {args.model}: cannot load the model ({error})") from error
+    model.eval()
+
+    overrides = {}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.num_beams is not None:
+        overrides["num_beams"] = args.num_beams
+    if args.do_sample:
+        overrides["do_sample"] = True
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    answer, context, _, token_ids = model.chat(
+        image, args.question, processor, context=args.context, return_token_ids=True, **overrides
+    )
+    if args.json:
+        print(json.dumps({"answer": answer, "context": context, "token_ids": token_ids}, ensure_ascii=False))
+    else:
+        print(answer)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="VisCPM (multimodal models pivoting on CPM-Bee) on Hugging Face transformers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_convert_parser(subcommands)
+    _add_chat_parser(subcommands)
+    return parser
+
+
+def _configure_stdout() -> None:
+    # answers are mostly Chinese: print them as UTF-8 even where the locale says otherwise (e.g. LANG=C)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            try:
+                reconfigure(encoding="utf-8")
+            except (ValueError, OSError):
+                pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line on `argv` (default: `sys.argv[1:]`) and returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors: argparse has printed them
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
+    _configure_stdout()
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
