@@ -12,8 +12,6 @@ with an original-format config (``../shared/golden/chat/config.json`` is one).
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,14 +23,25 @@ from ..modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
 from ..modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 from ..modeling.processing_viscpm_chat import VisCPMChatProcessor
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
-from .beit3 import BEIT3_PREFIX, beit3_key
+from .beit3 import BEIT3_PREFIX, beit3_key, original_beit3_key
 from .checkpoint import (
     CPMBEE_PREFIX,
     CheckpointError,
     cpmbee_config_from_original,
     cpmbee_key,
     map_state_dict,
-    read_original_checkpoint,
+    open_original_checkpoint,
+)
+from .export import (
+    add_auto_map,
+    copy_remote_code,
+    parse_dtype,
+    render_model_card,
+    staged_output,
+    to_original,
+    verify_weights,
+    write_original_extras,
+    write_weights,
 )
 
 # BEiT-3's position tables start counting at 2 (fairseq's padding offset), and the image table has one row for [cls]
@@ -47,6 +56,15 @@ def chat_key(original_key: str) -> str | None:
         key = beit3_key(original_key)
         return None if key is None else "vpm." + key
     return original_key  # `query`, `mapping.*`: same names
+
+
+def original_chat_key(key: str) -> str:
+    """`VisCPMChatForConditionalGeneration` key -> original key (the inverse of `chat_key`)."""
+    if key.startswith("llm.model."):
+        return CPMBEE_PREFIX + key.removeprefix("llm.model.")
+    if key.startswith("vpm."):
+        return original_beit3_key(key.removeprefix("vpm."))
+    return key
 
 
 def _layer_count(state_dict: Mapping, pattern: str) -> int:
@@ -135,21 +153,82 @@ def chat_config_from_checkpoint(
     )
 
 
-def load_original_chat(
-    model: VisCPMChatForConditionalGeneration, state_dict: Mapping[str, torch.Tensor], assign: bool = False
-) -> None:
-    """Load an original VisCPM-Chat state dict; ``assign=True`` for a model built on the meta device."""
-    targets = {key: value for key, value in model.state_dict().items() if key not in model._tied_weights_keys}
-    mapped = map_state_dict(
-        targets, state_dict, chat_key, hint="is this a VisCPM-Chat checkpoint of the configured dimensions?"
-    )
-    if assign:
-        model.load_state_dict(mapped, strict=False, assign=True)
-        model.tie_weights()
-    else:
-        with torch.no_grad():
-            for key, tensor in mapped.items():
-                targets[key].copy_(tensor)
+# (file, section or None, auto_map): the Auto classes of the remote code copied into the folder
+CHAT_AUTO_MAP = [
+    (
+        "config.json",
+        None,
+        {
+            "AutoConfig": "configuration_viscpm_chat.VisCPMChatConfig",
+            "AutoModel": "modeling_viscpm_chat.VisCPMChatForConditionalGeneration",
+            "AutoModelForImageTextToText": "modeling_viscpm_chat.VisCPMChatForConditionalGeneration",
+        },
+    ),
+    ("tokenizer_config.json", None, {"AutoTokenizer": ["tokenization_cpmbee.CpmBeeTokenizer", None]}),
+    ("processor_config.json", None, {"AutoProcessor": "processing_viscpm_chat.VisCPMChatProcessor"}),
+    (
+        "processor_config.json",
+        "image_processor",
+        {"AutoImageProcessor": "image_processing_viscpm_chat.VisCPMChatImageProcessor"},
+    ),
+]
+
+CHAT_CARD = {
+    "pipeline_tag": "image-text-to-text",
+    "base_model": "openbmb/VisCPM-Chat",
+    "description": (
+        "VisCPM-Chat answers questions about an image in Chinese and English, over several turns. A BEiT-3 vision "
+        "encoder reads the image together with learned queries; an MLP maps the query outputs into CPM-Bee 10B, "
+        "the multilingual language model that MpM uses as its pivot: the vision-language alignment was trained on "
+        "English image-text data, and the model works zero-shot in Chinese."
+    ),
+    "usage": """```python
+import viscpm  # registers the classes (or pass trust_remote_code=True without installing viscpm)
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo}", dtype="auto")
+processor = AutoProcessor.from_pretrained("{repo}")
+answer, context, vision_states = model.chat("photo.jpg", "这张图片里有什么？", processor)
+answer, context, _ = model.chat(
+    None, "What colour is it?", processor, context=context, vision_hidden_states=vision_states
+)
+```
+
+Without `viscpm` installed, the model files shipped in this folder are used:
+
+```python
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+```
+
+4-bit on one GPU:
+
+```python
+from transformers import BitsAndBytesConfig
+
+quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
+model = AutoModel.from_pretrained("{repo}", quantization_config=quantization, device_map="auto")
+```
+
+LoRA fine-tuning with peft (CPM-Bee's projections are plain `nn.Linear` modules):
+
+```python
+from peft import LoraConfig, get_peft_model
+
+lora = LoraConfig(r=16, lora_alpha=32, target_modules=["project_q", "project_k", "project_v", "attention_out"])
+model = get_peft_model(model, lora)
+```""",
+    "evaluation": """Results reported by the VisCPM authors (LLaVA benchmark, GPT-4 scored; English and its Chinese
+translation), not measured here:
+
+| Model | LLM | En conv. | En detail | En reasoning | En avg | Zh conv. | Zh detail | Zh reasoning | Zh avg |
+|---|---|---|---|---|---|---|---|---|---|
+| LLaVA | Vicuna-13B | 89.5 | 70.4 | 96.2 | 85.6 | - | - | - | - |
+| Qwen-VL | Qwen-7B | 82.4 | 72.6 | 91.9 | 83.8 | 82.3 | 93.4 | 89.5 | 88.2 |
+| VisCPM-Chat-balance | CPM-Bee-10B | 83.3 | 68.9 | 90.5 | 81.1 | 92.7 | 76.1 | 89.2 | 86.3 |
+| VisCPM-Chat-zhplus | CPM-Bee-10B | 80.1 | 65.7 | 92.5 | 79.6 | 90.3 | 81.4 | 92.1 | 88.2 |
+| VisCPM-Chat-v1.1 | CPM-Bee-10B | 80.1 | 67.1 | 97.1 | 81.5 | 91.3 | 90.7 | 95.4 | 92.5 |""",
+}
 
 
 def convert_chat(
@@ -158,20 +237,28 @@ def convert_chat(
     output: str | Path,
     config: str | Path | None = None,
     overwrite: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    verify: bool = True,
+    model_name: str = "VisCPM-Chat",
 ) -> Path:
-    """Write a converted VisCPM-Chat folder (model, tokenizer, image processor, processor) to ``output``.
+    """Write a Hub-ready VisCPM-Chat folder to ``output`` (see `conversion.export` for what it holds).
 
-    The folder appears only when complete: it is written next to ``output`` and renamed into place.
+    ``dtype`` is `fp16`, `bf16` or `fp32` (default: the checkpoint's). With ``verify`` the written weights are
+    reloaded and compared with the checkpoint. The folder appears only when complete.
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists: choose another --output or pass --overwrite")
     original_config = json.loads(Path(config).read_text(encoding="utf-8")) if config is not None else {}
-    state_dict = read_original_checkpoint(checkpoint)
+    state_dict, memory_mapped = open_original_checkpoint(checkpoint)
     model_config = chat_config_from_checkpoint(state_dict, original_config)
+    weight_dtype = parse_dtype(dtype, state_dict)
+    model_config.dtype = weight_dtype
     with torch.device("meta"):
         model = VisCPMChatForConditionalGeneration(model_config)
-    load_original_chat(model, state_dict, assign=True)
+    targets = {key: value for key, value in model.state_dict().items() if key not in model._tied_weights_keys}
+    weights = map_state_dict(
+        targets, state_dict, chat_key, hint="is this a VisCPM-Chat checkpoint of the configured dimensions?"
+    )
+    extras = {key: tensor for key, tensor in state_dict.items() if chat_key(key) is None}
 
     tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
     if tokenizer.vocab_size != model_config.text_config.vocab_size:
@@ -189,15 +276,23 @@ def convert_chat(
         image_processor, tokenizer, query_num=model_config.query_num, max_prompt_length=model_config.max_prompt_length
     )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(staging)
+    with staged_output(output, overwrite) as staging:
+        model_config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+        write_weights(staging, weights, weight_dtype, max_shard_size, release=memory_mapped)
+        source_dtypes = {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state_dict.items()}
+        write_original_extras(staging, extras, source_dtypes, release=memory_mapped)
+        copy_remote_code(staging)
+        for filename, section, auto_map in CHAT_AUTO_MAP:
+            add_auto_map(staging / filename, auto_map, section)
+        card = {**CHAT_CARD, "model_name": model_name, "usage": CHAT_CARD["usage"].format(repo=model_name)}
+        (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
+        if verify:
+            verify_weights(staging, weights, weight_dtype, release=memory_mapped)
+    return Path(output)
+
+
+def chat_to_original(folder: str | Path, output: str | Path) -> Path:
+    """A converted VisCPM-Chat folder back in the original `VLU_CPMBee` layout (`torch.load`-able, bit-exact)."""
+    return to_original(folder, output, original_chat_key)

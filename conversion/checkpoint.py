@@ -34,11 +34,13 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__("checkpoint does not fit the model: " + "; ".join(parts) + (f" ({hint})" if hint else ""))
 
 
-def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load an original ``torch.save`` state dict safely (``weights_only=True``), memory-mapped when possible."""
+def open_original_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load an original ``torch.save`` state dict safely (``weights_only=True``), memory-mapped when the file format
+    allows it. Returns the state dict and whether its tensors are views of the memory-mapped file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    memory_mapped = True
     try:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -47,6 +49,7 @@ def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                 raise
             # the legacy (pre-zip) torch.save format cannot be memory-mapped
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            memory_mapped = False
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (the pickle carries code or objects "
@@ -56,7 +59,12 @@ def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({error})") from error
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__})")
-    return dict(state_dict)
+    return dict(state_dict), memory_mapped
+
+
+def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """`open_original_checkpoint` without the memory-mapping flag."""
+    return open_original_checkpoint(path)[0]
 
 
 def cpmbee_config_from_original(original: Mapping) -> CpmBeeConfig:

@@ -13,7 +13,7 @@ in a traceback.
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -63,36 +63,85 @@ def _add_convert_parser(subcommands) -> None:
         description="Convert an original VisCPM-Chat checkpoint (model, tokenizer, image processor, processor) into "
         "DIR. The folder appears only when complete.",
     )
-    chat.add_argument("--checkpoint", required=True, type=Path, metavar="ORIGINAL.pt", help="original checkpoint")
-    chat.add_argument("--vocab", required=True, type=Path, metavar="bee.txt", help="CPM-Bee vocabulary file")
-    chat.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write")
-    chat.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="original-format JSON config, for what the weights do not show (default: the released VisCPM-Chat's)",
-    )
-    chat.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    _add_conversion_arguments(chat)
     chat.set_defaults(handler=_run_convert_chat)
 
 
-def _run_convert_chat(args: argparse.Namespace) -> int:
-    from .conversion.chat import convert_chat
+def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every `viscpm convert MODEL` shares."""
+    parser.add_argument("--checkpoint", type=Path, metavar="ORIGINAL.pt", help="original checkpoint")
+    parser.add_argument("--vocab", type=Path, metavar="bee.txt", help="CPM-Bee vocabulary file")
+    parser.add_argument(
+        "--output", required=True, type=Path, metavar="PATH", help="folder to write (.pt file with --to-original)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="original-format JSON config, for what the weights do not show (default: the released model's)",
+    )
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="weights dtype (default: the checkpoint's)")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default 5GB)"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip reloading the written weights and comparing them with the source"
+    )
+    parser.add_argument(
+        "--to-original",
+        type=Path,
+        metavar="DIR",
+        help="the other way: write the converted folder DIR back as an original checkpoint at --output",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+
+def _convert(args: argparse.Namespace, to_hub: Callable, to_original: Callable) -> int:
+    """Run one direction of a conversion with the shared checks and one-line errors."""
     from .conversion.checkpoint import CheckpointError
 
-    for flag, path in (("--checkpoint", args.checkpoint), ("--vocab", args.vocab), ("--config", args.config)):
-        if path is not None and not path.is_file():
-            raise CommandError(f"{flag} {path}: no such file")
-    if args.output.exists() and not args.output.is_dir():
-        raise CommandError(f"--output {args.output} is a file, not a folder: choose another --output")
     try:
-        output = convert_chat(args.checkpoint, args.vocab, args.output, config=args.config, overwrite=args.overwrite)
+        if args.to_original is not None:
+            if not args.to_original.is_dir():
+                raise CommandError(f"--to-original {args.to_original}: no such folder")
+            if args.output.exists() and not args.overwrite:
+                raise CommandError(f"{args.output} exists: choose another --output or pass --overwrite")
+            output = to_original(args.to_original, args.output)
+            print(f"wrote {args.to_original} back as {output}")
+            return 0
+        for flag, path in (("--checkpoint", args.checkpoint), ("--vocab", args.vocab)):
+            if path is None:
+                raise CommandError(f"{flag} is required (or --to-original DIR)")
+        for flag, path in (("--checkpoint", args.checkpoint), ("--vocab", args.vocab), ("--config", args.config)):
+            if path is not None and not path.is_file():
+                raise CommandError(f"{flag} {path}: no such file")
+        if args.output.exists() and not args.output.is_dir():
+            raise CommandError(f"--output {args.output} is a file, not a folder: choose another --output")
+        output = to_hub(args)
     except json.JSONDecodeError as error:
         raise CommandError(f"--config {args.config} is not valid JSON: {error}") from error
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
     print(f"converted {args.checkpoint} to {output}")
     return 0
+
+
+def _run_convert_chat(args: argparse.Namespace) -> int:
+    from .conversion.chat import chat_to_original, convert_chat
+
+    def to_hub(args):
+        return convert_chat(
+            args.checkpoint,
+            args.vocab,
+            args.output,
+            config=args.config,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            verify=not args.no_verify,
+        )
+
+    return _convert(args, to_hub, chat_to_original)
 
 
 # ------------------------------------------------------------------------------------------------------------- chat

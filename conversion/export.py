@@ -1,0 +1,264 @@
+"""Writing Hub-ready folders from original checkpoints, and back.
+
+A converted folder holds sharded safetensors (with an index), the configs, tokenizer and processor files, the
+`modeling/` files as remote code (`auto_map` entries point at them), a model card rendered from `model_card.md`,
+and `original_extras.safetensors`: the original tensors the model does not use, kept so that
+`to_original` can write the original layout back bit for bit.
+
+Memory: the original checkpoint is memory-mapped; each shard is cast and written on its own, and the pages of the
+source tensors it read are handed back to the kernel (`madvise(MADV_DONTNEED)`: the mapping is read-only and backed
+by the file, so they are simply re-read if touched again). Peak memory is about one shard plus the largest tensor,
+not the checkpoint (measured in `benchmarks/conversion_memory.py`, docs/performance.md).
+"""
+
+import ctypes
+import ctypes.util
+import json
+import mmap
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .. import modeling
+from .checkpoint import CheckpointError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EXTRAS_FILE = "original_extras.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+CHUNK_BYTES = 64 * 1024**2
+MODEL_CARD_TEMPLATE = Path(modeling.__file__).resolve().parent.parent / "model_card.md"
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Hand the pages under a contiguous tensor that views a memory-mapped file back to the kernel (they stay
+    readable: the kernel reads them from the file again if touched)."""
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def row_chunks(tensor: torch.Tensor, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Contiguous views of at most ``max_bytes`` (at least one row) along the first dimension: the largest tensors
+    (CPM-Bee's 86583 x 4096 embedding) are cast, written and compared a chunk at a time."""
+    if tensor.dim() == 0:
+        yield tensor
+        return
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+    rows = max(1, max_bytes // row_bytes)
+    yield from torch.split(tensor, rows)
+
+
+def parse_dtype(name: str | None, source: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """`fp16` / `bf16` / `fp32`, or (None) the dtype the original's floating tensors are stored in."""
+    if name is not None:
+        if name not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+    dtypes = {tensor.dtype for tensor in source.values() if tensor.is_floating_point()}
+    if len(dtypes) != 1:
+        raise CheckpointError(
+            f"the checkpoint mixes floating dtypes {sorted(map(str, dtypes))}: choose one with --dtype"
+        )
+    return dtypes.pop()
+
+
+# safetensors' dtype codes (https://github.com/huggingface/safetensors, format description)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_safetensors_streaming(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    release: bool,
+    metadata: dict | None = None,
+) -> None:
+    """Write one safetensors file a chunk at a time, cast to ``dtype`` (None: each tensor's own).
+
+    safetensors' `save_file` reads every tensor of a shard in one call, so all of a shard's source pages are
+    resident at once (measured: peak RSS = shard size, 5 GB by default). Written here in the same format (8-byte
+    header length, JSON header, raw little-endian data), each chunk's pages are released before the next is read.
+    The files are read back with safetensors itself (`verify_weights`, `from_pretrained`).
+    """
+    header, offset = {"__metadata__": dict(metadata or {})}, 0
+    for key, tensor in tensors.items():
+        target = dtype or tensor.dtype
+        size = tensor.numel() * torch.empty((), dtype=target).element_size()
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[target],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for source in tensors.values():
+            for chunk in row_chunks(source.contiguous()):
+                file.write(chunk.to(dtype or chunk.dtype).contiguous().view(torch.uint8).numpy().data)
+                if release:
+                    release_pages(chunk)
+
+
+def write_weights(
+    output: Path,
+    weights: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_size: str | int,
+    release: bool,
+) -> None:
+    """Write ``weights`` (our key -> original tensor) as safetensors shards of at most ``max_shard_size``, cast
+    to ``dtype``; with ``release``, each source's pages are handed back once written."""
+    planned = {key: torch.empty(tensor.shape, dtype=dtype, device="meta") for key, tensor in weights.items()}
+    split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
+    progress = tqdm(total=len(weights), desc="Writing shards", unit="tensor")
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {key: weights[key] for key in keys}
+        save_safetensors_streaming(output / filename, shard, dtype, release, metadata={"format": "pt"})
+        progress.update(len(keys))
+    progress.close()
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (output / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"]
+
+
+def verify_weights(output: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, release: bool) -> None:
+    """Read every written tensor back with safetensors and compare it with its source cast to ``dtype``, bit for
+    bit, a chunk at a time (each through its own short-lived memory map, so no shard piles up in memory)."""
+    seen, mismatched = set(), []
+    progress = tqdm(total=len(weights), desc="Verifying", unit="tensor")
+    for path in weight_files(output):
+        with safe_open(path, framework="pt") as shard:
+            keys = list(shard.keys())
+        for key in keys:
+            source = weights.get(key)
+            if source is None:
+                mismatched.append(key)
+                continue
+            start = 0
+            for chunk in row_chunks(source.contiguous()):
+                with safe_open(path, framework="pt") as shard:
+                    written = shard.get_slice(key)[start : start + len(chunk)] if chunk.dim() else shard.get_tensor(key)
+                if not torch.equal(written, chunk.to(dtype)):
+                    mismatched.append(key)
+                    break
+                start += len(chunk) if chunk.dim() else 0
+                if release:
+                    release_pages(chunk)
+            seen.add(key)
+            progress.update(1)
+    progress.close()
+    missing = sorted(set(weights) - seen)
+    if mismatched or missing:
+        raise CheckpointError(f"verification failed: written tensors differ {mismatched[:10]}, missing {missing[:10]}")
+
+
+def copy_remote_code(output: Path) -> None:
+    """The model files themselves, so that `trust_remote_code=True` loads the folder without viscpm installed."""
+    for source in sorted(Path(modeling.__file__).resolve().parent.glob("*.py")):
+        if source.name != "__init__.py":
+            shutil.copy2(source, output / source.name)
+
+
+def add_auto_map(json_file: Path, auto_map: dict, section: str | None = None) -> None:
+    """Point transformers' Auto classes at the copied model files, in ``json_file`` (or one of its sections, e.g.
+    the image processor inside `processor_config.json`)."""
+    data = json.loads(json_file.read_text(encoding="utf-8"))
+    target = data if section is None else data[section]
+    target["auto_map"] = {**target.get("auto_map", {}), **auto_map}
+    json_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def render_model_card(values: Mapping[str, str], template: Path = MODEL_CARD_TEMPLATE) -> str:
+    """`model_card.md` with its `{{ name }}` placeholders filled; an unknown or unfilled placeholder is an error."""
+    text = template.read_text(encoding="utf-8")
+    for name, value in values.items():
+        placeholder = "{{ " + name + " }}"
+        if placeholder not in text:
+            raise KeyError(f"model_card.md has no placeholder {placeholder}")
+        text = text.replace(placeholder, value)
+    if "{{" in text:
+        raise KeyError(f"model_card.md placeholder left unfilled: {text[text.index('{{') :].split('}}')[0]}}}}}")
+    return text
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder next to ``output`` that replaces it only once the block completes."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists: choose another --output or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_original_extras(
+    output: Path, extras: Mapping[str, torch.Tensor], source_dtypes: Mapping[str, str], release: bool
+) -> None:
+    """Original tensors the model does not use, and the original dtype of every tensor, for `to_original`."""
+    # in the original's key order, which `to_original` restores
+    metadata = {"source_dtypes": json.dumps(dict(source_dtypes))}
+    save_safetensors_streaming(output / EXTRAS_FILE, extras, None, release, metadata=metadata)
+
+
+def to_original(folder: str | Path, output: str | Path, original_key: Callable[[str], str]) -> Path:
+    """Write a converted folder back as an original ``torch.save`` state dict (keys, dtypes and values of the
+    original checkpoint the folder was converted from)."""
+    folder, output = Path(folder), Path(output)
+    extras_path = folder / EXTRAS_FILE
+    if not extras_path.is_file():
+        raise CheckpointError(f"{folder} has no {EXTRAS_FILE}: it was not written by `viscpm convert`")
+    state_dict = {}
+    with safe_open(extras_path, framework="pt") as extras:
+        source_dtypes = json.loads(extras.metadata()["source_dtypes"])
+        for key in extras.keys():
+            state_dict[key] = extras.get_tensor(key)
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as shard:
+            for key in shard.keys():
+                name = original_key(key)
+                state_dict[name] = shard.get_tensor(key).to(getattr(torch, source_dtypes[name]))
+    state_dict = {name: state_dict[name] for name in source_dtypes}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial")
+    torch.save(state_dict, staging)
+    staging.rename(output)
+    return output
