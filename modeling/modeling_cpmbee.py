@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -122,37 +123,58 @@ class CpmBeeBucketPositionBias(nn.Module):
             torch.empty(config.position_bias_num_buckets + config.position_bias_num_segment_buckets, config.num_heads)
         )
 
-    def bucket_ids(
-        self, query_positions: torch.Tensor, key_positions: torch.Tensor, segment_buckets: torch.Tensor
-    ) -> torch.Tensor:
-        inside_segment = relative_position_bucket(
-            key_positions[None, :] - query_positions[:, None], self.num_buckets, self.max_distance
-        )
-        between_segments = segment_buckets - 1 + self.num_buckets
-        return torch.where(segment_buckets == 0, inside_segment[None], between_segments)
-
     def forward(self, bucket_ids: torch.Tensor) -> torch.Tensor:
         # (batch, len_q, len_k) -> (batch, heads, len_q, len_k)
         return F.embedding(bucket_ids, self.relative_attention_bias).permute(0, 3, 1, 2)
 
 
-def segment_relation_buckets(
-    segment_rel: torch.Tensor,
-    query_segments: torch.Tensor,
-    query_num_segments: torch.Tensor,
-    query_rel_offsets: torch.Tensor,
-    key_segments: torch.Tensor,
-    same_sample: torch.Tensor,
+@dataclass
+class CpmBeeTokens:
+    """Structure of the tokens on one side of the (query, key) pairs: (batch, length) tensors, or any shape that
+    broadcasts against the other side (the dense bias), or single gathered elements (FlexAttention's mods)."""
+
+    position: torch.Tensor
+    context: torch.Tensor
+    segment: torch.Tensor
+    sample: torch.Tensor
+    span: torch.Tensor
+    valid: torch.Tensor
+    num_segments: torch.Tensor  # queries only: where their row of `segment_rel` starts and how wide it is
+    rel_offset: torch.Tensor
+
+    def map(self, function) -> "CpmBeeTokens":
+        return CpmBeeTokens(**{name: function(value) for name, value in vars(self).items()})
+
+
+def pair_visible(query: CpmBeeTokens, key: CpmBeeTokens) -> torch.Tensor:
+    """Which keys a query attends to (the prefix-LM mask)."""
+    # context keys are seen by everyone, answer keys only by the same and later answer tokens
+    visible = key.context | (~query.context & (key.position <= query.position))
+    # in-context samples (sample id > 0) see only themselves; the main sample (0) sees them all
+    visible = visible & ((query.sample == 0) | (query.sample == key.sample))
+    visible = visible & (query.span == key.span)
+    return visible & query.valid & key.valid
+
+
+def pair_buckets(
+    query: CpmBeeTokens, key: CpmBeeTokens, segment_rel_at, num_buckets: int, max_distance: int
 ) -> torch.Tensor:
-    """Look up the relation bucket of every (query segment, key segment) pair in the row's ``segment_rel``."""
-    index = (
-        query_segments[:, :, None] * query_num_segments[:, :, None]
-        + key_segments[:, None, :]
-        + query_rel_offsets[:, :, None]
-    )
-    index = index.masked_fill(~same_sample, 0)  # pairs across samples are not in the table; keep the gather in range
-    buckets = segment_rel.gather(1, index.flatten(1)).view_as(index)
-    return buckets.masked_fill(~same_sample, CROSS_SAMPLE_BUCKET)
+    """Position-bias bucket of each (query, key) pair: the distance inside a segment (relation 0), else
+    ``num_buckets + relation - 1`` with the relation looked up in the row's ``segment_rel`` by ``segment_rel_at``."""
+    same_sample = (query.sample == key.sample) & (query.span == key.span)
+    index = query.segment * query.num_segments + key.segment + query.rel_offset
+    # pairs across samples are not in the table: keep the lookup in range, then use the reserved bucket
+    relation = torch.where(same_sample, segment_rel_at(torch.where(same_sample, index, 0)), CROSS_SAMPLE_BUCKET)
+    inside_segment = relative_position_bucket(key.position - query.position, num_buckets, max_distance)
+    return torch.where(relation == 0, inside_segment, relation - 1 + num_buckets)
+
+
+@dataclass
+class CpmBeeFlexInputs:
+    """What FlexAttention needs instead of the dense bias: the bias as a score function and the mask as blocks."""
+
+    score_mod: Callable
+    block_mask: BlockMask
 
 
 def eager_attention_forward(
@@ -205,19 +227,32 @@ class CpmBeeAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_bias,
-            dropout=self.config.dropout_p if self.training else 0.0,
-            scaling=self.dim_head**-0.5,
-            is_causal=False,
-        )
+        if isinstance(attention_bias, CpmBeeFlexInputs):
+            if self.training and self.config.dropout_p:
+                raise ValueError("flex_attention does not support attention dropout: use sdpa for training")
+            attn_output = flex_attention(
+                query,
+                key,
+                value,
+                score_mod=attention_bias.score_mod,
+                block_mask=attention_bias.block_mask,
+                scale=self.dim_head**-0.5,
+            ).transpose(1, 2)
+            attn_weights = None
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_bias,
+                dropout=self.config.dropout_p if self.training else 0.0,
+                scaling=self.dim_head**-0.5,
+                is_causal=False,
+            )
         # the original zeroes the probabilities of masked keys, so a query that sees no key outputs zeros
         attn_output = attn_output.masked_fill(~query_sees_keys[:, :, None, None], 0.0)
         attn_output = attn_output.reshape(batch, length, -1)
@@ -310,7 +345,7 @@ class CpmBeePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CpmBeeTransformerBlock"]
     _supports_sdpa = True
     _supports_flash_attn = False  # the position bias cannot be passed to FlashAttention
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _can_compile_fullgraph = False
 
     def _init_weights(self, module):
@@ -400,57 +435,82 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             segment_rel = torch.zeros((batch, 1), dtype=torch.long, device=device)
         return CpmBeeStructure(segment_rel=segment_rel.long(), **filled)
 
+    def token_sides(
+        self, structure: CpmBeeStructure, query_length: int, key_length: int
+    ) -> tuple[CpmBeeTokens, CpmBeeTokens]:
+        """The queries (the last ``query_length`` tokens) and the keys as (batch, length) tensors. ``key_length``
+        may exceed the sequence (a static cache's preallocated slots): those keys are padding."""
+        batch, total_length = structure.attention_mask.shape
+        past_length = total_length - query_length
+        positions = torch.arange(key_length, device=structure.attention_mask.device).expand(batch, -1)
+        sides = dict(
+            context=structure.context,
+            segment=structure.segment_ids,
+            sample=structure.sample_ids,
+            span=structure.span,
+            valid=structure.attention_mask,
+            num_segments=structure.num_segments,
+            rel_offset=structure.segment_rel_offset,
+        )
+        query = CpmBeeTokens(position=positions[:, past_length:total_length], **sides).map(
+            lambda tensor: tensor[:, -query_length:]
+        )
+        key = CpmBeeTokens(position=positions, **sides).map(
+            lambda tensor: F.pad(tensor, (0, key_length - tensor.shape[1]))
+        )
+        return query, key
+
     def attention_bias(
         self, structure: CpmBeeStructure, query_length: int, key_length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Position bias plus prefix-LM mask as one additive (batch, heads, len_q, len_k) tensor, built once per
-        forward and shared by all layers.
+        forward and shared by all layers (eager and sdpa).
 
-        Also returns which queries see at least one key; the others must output zeros. ``key_length`` may exceed
-        the sequence (a static cache's preallocated slots): those keys are masked.
+        Also returns which queries see at least one key (every real token sees itself); the others must output
+        zeros.
         """
-        total_length = structure.attention_mask.shape[1]
-        past_length = total_length - query_length
-        device = structure.attention_mask.device
-
-        def queries(tensor):
-            return tensor[:, past_length:]
-
-        def keys(tensor):
-            return F.pad(tensor, (0, key_length - total_length))
-
-        query_positions = torch.arange(past_length, total_length, device=device)
-        key_positions = torch.arange(key_length, device=device)
-        query_sample, key_sample = queries(structure.sample_ids), keys(structure.sample_ids)
-        same_sample = (query_sample[:, :, None] == key_sample[:, None, :]) & (
-            queries(structure.span)[:, :, None] == keys(structure.span)[:, None, :]
+        query, key = self.token_sides(structure, query_length, key_length)
+        pairs_query, pairs_key = query.map(lambda t: t[:, :, None]), key.map(lambda t: t[:, None, :])
+        segment_rel = structure.segment_rel
+        buckets = pair_buckets(
+            pairs_query,
+            pairs_key,
+            lambda index: segment_rel.gather(1, index.flatten(1)).view_as(index),
+            self.position_bias.num_buckets,
+            self.position_bias.max_distance,
         )
-
-        segment_buckets = segment_relation_buckets(
-            structure.segment_rel,
-            queries(structure.segment_ids),
-            queries(structure.num_segments),
-            queries(structure.segment_rel_offset),
-            keys(structure.segment_ids),
-            same_sample,
-        )
-        position_bias = self.position_bias(
-            self.position_bias.bucket_ids(query_positions, key_positions, segment_buckets)
-        )
-
-        # prefix LM: context keys are seen by everyone, answer keys only by later answer tokens
-        causal = key_positions[None, :] <= query_positions[:, None]
-        visible = keys(structure.context)[:, None, :] | (~queries(structure.context)[:, :, None] & causal)
-        # in-context samples (sample id > 0) see only themselves; the main sample (0) sees them all
-        visible &= (query_sample[:, :, None] == 0) | (query_sample[:, :, None] == key_sample[:, None, :])
-        visible &= queries(structure.span)[:, :, None] == keys(structure.span)[:, None, :]
-        visible &= queries(structure.attention_mask)[:, :, None] & keys(structure.attention_mask)[:, None, :]
-
-        query_sees_keys = visible.any(dim=-1)
+        query_sees_keys = query.valid
         # let blind queries attend everywhere so no backend sees an all-masked row (NaN); their output is zeroed
-        visible |= ~query_sees_keys[:, :, None]
-        attention_bias = position_bias.to(dtype).masked_fill(~visible[:, None], torch.finfo(dtype).min)
+        visible = pair_visible(pairs_query, pairs_key) | ~query_sees_keys[:, :, None]
+        attention_bias = self.position_bias(buckets).to(dtype).masked_fill(~visible[:, None], torch.finfo(dtype).min)
         return attention_bias, query_sees_keys
+
+    def flex_attention_inputs(
+        self, structure: CpmBeeStructure, query_length: int, key_length: int
+    ) -> tuple["CpmBeeFlexInputs", torch.Tensor]:
+        """The same bias and mask for FlexAttention, without an L x L tensor: the bias is looked up inside the
+        score function from the bucket table, and the mask is a block mask (same rules as `attention_bias`)."""
+        query, key = self.token_sides(structure, query_length, key_length)
+        segment_rel, table = structure.segment_rel, self.position_bias.relative_attention_bias
+        num_buckets, max_distance = self.position_bias.num_buckets, self.position_bias.max_distance
+
+        def score_mod(score, batch, head, query_index, key_index):
+            pair_query = query.map(lambda tensor: tensor[batch, query_index])
+            pair_key = key.map(lambda tensor: tensor[batch, key_index])
+            bucket = pair_buckets(
+                pair_query, pair_key, lambda index: segment_rel[batch, index], num_buckets, max_distance
+            )
+            return score + table[bucket, head]
+
+        def mask_mod(batch, head, query_index, key_index):
+            pair_query = query.map(lambda tensor: tensor[batch, query_index])
+            pair_key = key.map(lambda tensor: tensor[batch, key_index])
+            return pair_visible(pair_query, pair_key) | ~pair_query.valid
+
+        block_mask = create_block_mask(
+            mask_mod, query.valid.shape[0], None, query_length, key_length, device=query.valid.device
+        )
+        return CpmBeeFlexInputs(score_mod, block_mask), query.valid
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -528,9 +588,13 @@ class CpmBeeModel(CpmBeePreTrainedModel):
                 input_id_subs = input_id_subs[:, past_length:]
             inputs_embeds = self.embed_tokens(input_ids, input_id_subs, ext_table_ids, ext_table_sub)
 
-        attention_bias, query_sees_keys = self.attention_bias(
-            structure, query_length, max(key_length, total_length), inputs_embeds.dtype
-        )
+        key_length = max(key_length, total_length)
+        if self.config._attn_implementation == "flex_attention":
+            attention_bias, query_sees_keys = self.flex_attention_inputs(structure, query_length, key_length)
+        else:
+            attention_bias, query_sees_keys = self.attention_bias(
+                structure, query_length, key_length, inputs_embeds.dtype
+            )
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None

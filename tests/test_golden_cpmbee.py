@@ -141,6 +141,22 @@ def test_teacher_forced_forward(chat_llm, golden_dir, case):
     torch.testing.assert_close(outputs.loss, golden[f"{case}.loss"], rtol=1e-5, atol=0)
 
 
+@torch.no_grad()
+def test_teacher_forced_logits_with_flex_attention(golden_dir):
+    """FlexAttention (bias inside the score function, block mask) gives the original's logits too."""
+    model = load_golden_cpmbee(golden_dir / "chat", "flex_attention")
+    golden = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")
+    for case in teacher_forcing_cases():
+        inputs = structure_from_collated(golden, f"{case}.in.")
+        embeds = model.model.embed_tokens(
+            golden[f"{case}.in.input_ids"], inputs["input_id_subs"], inputs["ext_table_ids"], inputs["ext_table_sub"]
+        )
+        embeds = place_vision_states(embeds, golden[f"{case}.vision_hidden_states"], golden[f"{case}.in.image_bound"])
+        outputs = model(inputs_embeds=embeds, labels=golden[f"{case}.target"], use_cache=False, **inputs)
+        assert_logits_match(outputs.logits[0], golden, f"{case}.logits")
+        torch.testing.assert_close(outputs.loss, golden[f"{case}.loss"], rtol=1e-5, atol=0)
+
+
 def inference_cases():
     return [case["case"] for case in load_json(golden_root() / "chat" / "inference_steps.json")]
 

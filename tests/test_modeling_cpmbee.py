@@ -443,3 +443,37 @@ def test_generate_applies_penalty_and_temperature_once():
         seen = expected[answer]
         expected[answer] = torch.where(seen < 0, seen * 3.0, seen / 3.0)
         torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_flex_attention_equals_eager_without_a_dense_bias():
+    """FlexAttention computes the bucketed bias inside its score function and the mask as a block mask (inference
+    only on CPU: FlexAttention has no CPU backward). Same outputs as eager, with padding and a cache."""
+    eager = tiny_model(attn_implementation="eager")
+    flex = tiny_model(attn_implementation="flex_attention")
+    inputs = structured_prompt(answer_length=3)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, :2] = 0  # left padding
+    expected = eager(**inputs).logits
+    torch.testing.assert_close(flex(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+    prompt_length = inputs["input_ids"].shape[1] - 2
+    cache = DynamicCache(config=flex.config)
+    shared = {k: inputs[k] for k in ("segment_rel", "ext_table_ids", "ext_table_sub")}
+    per_token = PER_TOKEN + ("attention_mask",)
+    first = flex(input_ids=inputs["input_ids"][:, :prompt_length], cache=cache, use_cache=True, **shared,
+                 **{k: inputs[k][:, :prompt_length] for k in per_token}).logits  # fmt: skip
+    rest = flex(input_ids=inputs["input_ids"][:, prompt_length:], cache=cache, use_cache=True, **shared,
+                **{k: inputs[k] for k in per_token}).logits  # fmt: skip
+    torch.testing.assert_close(torch.cat([first, rest], 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_never_builds_the_dense_bias(monkeypatch):
+    model = tiny_model(attn_implementation="flex_attention")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense L x L bias was built")
+
+    monkeypatch.setattr(model.model, "attention_bias", refuse)
+    with torch.no_grad():
+        assert model(**structured_prompt()).logits.isfinite().all()
