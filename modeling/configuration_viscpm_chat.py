@@ -2,9 +2,29 @@
 """VisCPM-Chat configuration: a BEiT-3 vision tower, learned queries and the CPM-Bee language model."""
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 from .configuration_beit3 import Beit3VisionConfig
 from .configuration_cpmbee import CpmBeeConfig
+
+logger = logging.get_logger(__name__)
+
+# CPM-Bee adds a learned position bias to every attention score; FlashAttention kernels take no bias, FlexAttention
+# computes it inside its score function.
+LANGUAGE_MODEL_FALLBACK_ATTENTION = "flex_attention"
+
+
+def route_attention(requested):
+    """A FlashAttention request for the whole model: FlashAttention for the BEiT-3 tower (no bias), FlexAttention
+    for CPM-Bee. Anything else (another name, or a per-sub-config dict) is used as given."""
+    if not (isinstance(requested, str) and "flash" in requested):
+        return requested
+    logger.warning_once(
+        f"attn_implementation={requested!r} runs the BEiT-3 vision tower; CPM-Bee adds a position bias to its "
+        f"attention scores, which FlashAttention cannot take, so the language model uses "
+        f"{LANGUAGE_MODEL_FALLBACK_ATTENTION!r} (pass a dict keyed by sub-config to choose otherwise)"
+    )
+    return {"": requested, "vision_config": requested, "text_config": LANGUAGE_MODEL_FALLBACK_ATTENTION}
 
 
 class VisCPMChatConfig(PretrainedConfig):
@@ -40,6 +60,14 @@ class VisCPMChatConfig(PretrainedConfig):
         self.max_prompt_length = max_prompt_length
         kwargs.setdefault("tie_word_embeddings", text_config.tie_word_embeddings)
         super().__init__(**kwargs)
+
+    @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value):
+        PretrainedConfig._attn_implementation.fset(self, route_attention(value))
 
 
 __all__ = ["VisCPMChatConfig"]

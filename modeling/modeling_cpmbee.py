@@ -169,6 +169,13 @@ def pair_buckets(
     return torch.where(relation == 0, inside_segment, relation - 1 + num_buckets)
 
 
+@functools.cache
+def flex_attention_kernel(device: torch.device) -> Callable:
+    """FlexAttention fused by torch.compile on GPUs; on CPU the unfused reference (compiling costs ~20 s there, and
+    FlexAttention has no CPU backward anyway)."""
+    return torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+
+
 @dataclass
 class CpmBeeFlexInputs:
     """What FlexAttention needs instead of the dense bias: the bias as a score function and the mask as blocks."""
@@ -230,7 +237,7 @@ class CpmBeeAttention(nn.Module):
         if isinstance(attention_bias, CpmBeeFlexInputs):
             if self.training and self.config.dropout_p:
                 raise ValueError("flex_attention does not support attention dropout: use sdpa for training")
-            attn_output = flex_attention(
+            attn_output = flex_attention_kernel(query.device)(
                 query,
                 key,
                 value,

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_viscpm_chat import VisCPMChatConfig
+from .configuration_viscpm_chat import VisCPMChatConfig, route_attention
 from .modeling_beit3 import Beit3VisionModel
 from .modeling_cpmbee import CpmBeeForCausalLM, CpmBeeGenerationMixin
 
@@ -72,9 +72,13 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Beit3EncoderLayer", "CpmBeeTransformerBlock"]
     _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
+    # a FlashAttention request runs the vision tower; CPM-Bee falls back to FlexAttention (`route_attention`)
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _can_compile_fullgraph = False
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        return super().set_attn_implementation(route_attention(attn_implementation), *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -312,3 +312,30 @@ def test_image_features_must_fill_the_placeholders():
         place_image_features(embeds, torch.ones(1, 4, 8), torch.tensor([[[2, 5]]]))
     placed = place_image_features(embeds, torch.ones(1, 4, 8), torch.tensor([[[2, 6]]]))
     assert placed[0, 2:6].eq(1).all() and placed[0, :2].eq(0).all() and placed[0, 6:].eq(0).all()
+
+
+def test_flash_attention_request_routes_the_language_model_to_flex(caplog):
+    """FlashAttention cannot take CPM-Bee's position bias: a whole-model request runs BEiT-3 on it and CPM-Bee on
+    FlexAttention, and says so once. (FlashAttention itself needs CUDA: benchmarks/gpu_check.py runs it.)"""
+    config = VisCPMChatConfig(attn_implementation="flash_attention_2")
+    assert config.vision_config._attn_implementation == "flash_attention_2"
+    assert config.text_config._attn_implementation == "flex_attention"
+    explicit = VisCPMChatConfig(attn_implementation={"vision_config": "sdpa", "text_config": "eager"})
+    assert (explicit.vision_config._attn_implementation, explicit.text_config._attn_implementation) == (
+        "sdpa",
+        "eager",
+    )
+
+
+@torch.no_grad()
+def test_per_sub_model_attention_equals_eager(tmp_path):
+    model, processor = tiny_chat(tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    mixed = AutoModel.from_pretrained(
+        tmp_path / "saved", attn_implementation={"vision_config": "sdpa", "text_config": "flex_attention"}
+    ).eval()
+    assert mixed.vpm.config._attn_implementation == "sdpa"
+    assert mixed.llm.model.config._attn_implementation == "flex_attention"
+    inputs = processor(images=[tiny_image(0)], text=["what ?"])
+    inputs.pop("ext_tables")
+    torch.testing.assert_close(mixed(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
