@@ -27,13 +27,16 @@ from .beit3 import BEIT3_PREFIX, beit3_key, original_beit3_key
 from .checkpoint import (
     CPMBEE_PREFIX,
     CheckpointError,
-    cpmbee_config_from_original,
+    cpmbee_config_from_state_dict,
     cpmbee_key,
+    layer_indices,
     map_state_dict,
     open_original_checkpoint,
+    require_tensor,
 )
 from .export import (
     add_auto_map,
+    auto_map_modules,
     copy_remote_code,
     parse_dtype,
     render_model_card,
@@ -67,65 +70,16 @@ def original_chat_key(key: str) -> str:
     return key
 
 
-def _layer_count(state_dict: Mapping, pattern: str) -> int:
-    indices = {int(match.group(1)) for key in state_dict if (match := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-
-def _require(state_dict: Mapping, key: str) -> torch.Tensor:
-    if key not in state_dict:
-        raise CheckpointError(
-            f"the checkpoint has no `{key}`: is it a VisCPM-Chat checkpoint? "
-            "(use `viscpm convert paint` for VisCPM-Paint)"
-        )
-    return state_dict[key]
-
-
 def chat_config_from_checkpoint(
     state_dict: Mapping[str, torch.Tensor], original: Mapping | None = None
 ) -> VisCPMChatConfig:
     """The model config: shapes from the state dict, the rest from ``original`` (golden `config.json` format)."""
     original = original or {}
-    embedding = _require(state_dict, "llm.input_embedding.weight")
-    bias_table = _require(state_dict, "llm.position_bias.relative_attention_bias")
-    num_layers = _layer_count(state_dict, r"llm\.encoder\.layers\.(\d+)\.")
-    attention_layer = next(
-        i for i in range(num_layers) if f"llm.encoder.layers.{i}.self_att.self_attention.project_q.weight" in state_dict
-    )
-    ffn_layer = next(i for i in range(num_layers) if f"llm.encoder.layers.{i}.ffn.ffn.w_out.weight" in state_dict)
-    num_heads = bias_table.shape[1]
-    text = {
-        **original.get("cpmbee", {}),
-        "vocab_size": embedding.shape[0],
-        "dim_model": embedding.shape[1],
-        "num_layers": num_layers,
-        "num_heads": num_heads,
-        "dim_head": state_dict[f"llm.encoder.layers.{attention_layer}.self_att.self_attention.project_q.weight"].shape[
-            0
-        ]
-        // num_heads,
-        "dim_ff": state_dict[f"llm.encoder.layers.{ffn_layer}.ffn.ffn.w_out.weight"].shape[1],
-    }
-    mask_modules = [
-        [
-            f"llm.encoder.layers.{i}.self_att.self_attention.project_q.weight" not in state_dict,
-            f"llm.encoder.layers.{i}.ffn.ffn.w_out.weight" not in state_dict,
-        ]
-        for i in range(num_layers)
-    ]
-    if any(any(pair) for pair in mask_modules):
-        text["mask_modules"] = mask_modules
-    text_config = cpmbee_config_from_original(text)
-    if text_config.position_bias_num_buckets + text_config.position_bias_num_segment_buckets != bias_table.shape[0]:
-        raise CheckpointError(
-            f"the position bias table has {bias_table.shape[0]} rows, not position_bias_num_buckets + "
-            f"position_bias_num_segment_buckets = {text_config.position_bias_num_buckets} + "
-            f"{text_config.position_bias_num_segment_buckets}: give the right split with --config"
-        )
+    text_config = cpmbee_config_from_state_dict(state_dict, original.get("cpmbee"))
 
-    patch_embedding = _require(state_dict, f"{BEIT3_PREFIX}vision_embed.proj.weight")
+    patch_embedding = require_tensor(state_dict, f"{BEIT3_PREFIX}vision_embed.proj.weight")
     hidden_size, num_channels, patch_size, _ = patch_embedding.shape
-    image_positions = _require(state_dict, f"{BEIT3_PREFIX}encoder.embed_positions.A.weight").shape[0]
+    image_positions = require_tensor(state_dict, f"{BEIT3_PREFIX}encoder.embed_positions.A.weight").shape[0]
     patches_per_side = math.isqrt(image_positions - BEIT3_POSITION_OFFSET - 1)
     image_size = patches_per_side * patch_size
     encoder_config = original.get("beit3", {}).get("encoder_config")
@@ -138,9 +92,9 @@ def chat_config_from_checkpoint(
         num_channels=num_channels,
         patch_size=patch_size,
         image_size=image_size,
-        num_hidden_layers=_layer_count(state_dict, re.escape(BEIT3_PREFIX) + r"encoder\.layers\.(\d+)\."),
-        intermediate_size=_require(state_dict, f"{BEIT3_PREFIX}encoder.layers.0.ffn.A.fc1.weight").shape[0],
-        max_source_positions=_require(state_dict, f"{BEIT3_PREFIX}encoder.embed_positions.B.weight").shape[0],
+        num_hidden_layers=len(layer_indices(state_dict, re.escape(BEIT3_PREFIX) + r"encoder\.layers\.(\d+)\.")),
+        intermediate_size=require_tensor(state_dict, f"{BEIT3_PREFIX}encoder.layers.0.ffn.A.fc1.weight").shape[0],
+        max_source_positions=require_tensor(state_dict, f"{BEIT3_PREFIX}encoder.embed_positions.B.weight").shape[0],
     )
     if "image_size" in original and original["image_size"] != image_size:
         raise CheckpointError(
@@ -149,7 +103,7 @@ def chat_config_from_checkpoint(
     return VisCPMChatConfig(
         vision_config=vision_config,
         text_config=text_config,
-        query_num=_require(state_dict, "query").shape[0],
+        query_num=require_tensor(state_dict, "query").shape[0],
     )
 
 
@@ -174,6 +128,7 @@ CHAT_AUTO_MAP = [
 ]
 
 CHAT_CARD = {
+    "library_name": "transformers",
     "pipeline_tag": "image-text-to-text",
     "base_model": "openbmb/VisCPM-Chat",
     "description": (
@@ -283,9 +238,9 @@ def convert_chat(
         write_weights(staging, weights, weight_dtype, max_shard_size, release=memory_mapped)
         source_dtypes = {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state_dict.items()}
         write_original_extras(staging, extras, source_dtypes, release=memory_mapped)
-        copy_remote_code(staging)
         for filename, section, auto_map in CHAT_AUTO_MAP:
             add_auto_map(staging / filename, auto_map, section)
+        copy_remote_code(staging, auto_map_modules(auto_map for _, _, auto_map in CHAT_AUTO_MAP))
         card = {**CHAT_CARD, "model_name": model_name, "usage": CHAT_CARD["usage"].format(repo=model_name)}
         (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
         if verify:

@@ -5,6 +5,8 @@ Importing the package registers its classes with transformers' Auto classes, so 
 ``AutoImageProcessor`` and ``AutoProcessor`` load converted folders.
 """
 
+import importlib.util
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -18,6 +20,7 @@ from transformers import (
 from .modeling.configuration_beit3 import Beit3VisionConfig
 from .modeling.configuration_cpmbee import CpmBeeConfig
 from .modeling.configuration_viscpm_chat import VisCPMChatConfig
+from .modeling.configuration_viscpm_paint import VisCPMPaintConfig, VisCPMPaintTextEncoderConfig
 from .modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
 from .modeling.modeling_beit3 import Beit3VisionModel
 from .modeling.modeling_cpmbee import CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel
@@ -27,7 +30,7 @@ from .modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 __version__ = "0.1.0"
 
-for _config in (CpmBeeConfig, Beit3VisionConfig, VisCPMChatConfig):
+for _config in (CpmBeeConfig, Beit3VisionConfig, VisCPMChatConfig, VisCPMPaintConfig, VisCPMPaintTextEncoderConfig):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
 AutoModel.register(CpmBeeConfig, CpmBeeModel, exist_ok=True)
 AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)
@@ -38,6 +41,15 @@ for _config in (CpmBeeConfig, VisCPMChatConfig):
     AutoTokenizer.register(_config, slow_tokenizer_class=CpmBeeTokenizer, exist_ok=True)
 AutoImageProcessor.register(VisCPMChatConfig, slow_image_processor_class=VisCPMChatImageProcessor, exist_ok=True)
 AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
+
+# VisCPM-Paint needs diffusers (the `paint` extra)
+if importlib.util.find_spec("diffusers") is not None:
+    from .modeling.modeling_viscpm_paint import VisCPMPaintModel, VisCPMPaintTextEncoder
+    from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+
+    AutoModel.register(VisCPMPaintConfig, VisCPMPaintModel, exist_ok=True)
+    AutoModel.register(VisCPMPaintTextEncoderConfig, VisCPMPaintTextEncoder, exist_ok=True)
+    AutoTokenizer.register(VisCPMPaintConfig, slow_tokenizer_class=CpmBeeTokenizer, exist_ok=True)
 
 __all__ = [
     "Beit3VisionConfig",
@@ -51,4 +63,9 @@ __all__ = [
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatImageProcessor",
     "VisCPMChatProcessor",
+    "VisCPMPaintConfig",
+    "VisCPMPaintModel",
+    "VisCPMPaintPipeline",
+    "VisCPMPaintTextEncoder",
+    "VisCPMPaintTextEncoderConfig",
 ]

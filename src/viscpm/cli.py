@@ -66,6 +66,16 @@ def _add_convert_parser(subcommands) -> None:
     _add_conversion_arguments(chat)
     chat.set_defaults(handler=_run_convert_chat)
 
+    paint = models.add_parser(
+        "paint",
+        help="VisCPM-Paint",
+        description="Convert an original VisCPM-Paint checkpoint (CPM-Bee text encoder, bridge, UNet) and a Stable "
+        "Diffusion 2.1 base VAE into a diffusers pipeline folder. The folder appears only when complete.",
+    )
+    _add_conversion_arguments(paint)
+    paint.add_argument("--vae", type=Path, metavar="DIR", help="diffusers AutoencoderKL folder (SD 2.1 base's VAE)")
+    paint.set_defaults(handler=_run_convert_paint)
+
 
 def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every `viscpm convert MODEL` shares."""
@@ -142,6 +152,29 @@ def _run_convert_chat(args: argparse.Namespace) -> int:
         )
 
     return _convert(args, to_hub, chat_to_original)
+
+
+def _run_convert_paint(args: argparse.Namespace) -> int:
+    from .conversion.paint import convert_paint
+
+    def to_hub(args):
+        if args.vae is None or not args.vae.is_dir():
+            raise CommandError(f"--vae {args.vae}: give the folder of a diffusers AutoencoderKL (SD 2.1 base's VAE)")
+        return convert_paint(
+            args.checkpoint,
+            args.vocab,
+            args.vae,
+            args.output,
+            config=args.config,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+        )
+
+    def to_original(folder, output):
+        raise CommandError("--to-original is not available for VisCPM-Paint yet")
+
+    return _convert(args, to_hub, to_original)
 
 
 # ------------------------------------------------------------------------------------------------------------- chat
@@ -251,6 +284,65 @@ def _run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------------ paint
+
+
+def _add_paint_parser(subcommands) -> None:
+    paint = subcommands.add_parser(
+        "paint",
+        help="draw an image from a prompt with VisCPM-Paint",
+        description="Draw an image from a Chinese or English prompt with a converted VisCPM-Paint folder (CPU, fp32).",
+    )
+    paint.add_argument("prompt", metavar="PROMPT", help="what to draw (CPM-Bee markup: write < as <<)")
+    paint.add_argument("--model", required=True, type=Path, metavar="DIR", help="converted VisCPM-Paint folder")
+    paint.add_argument("-o", "--output", required=True, type=Path, metavar="PNG", help="image file to write")
+    paint.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    paint.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="denoising steps (default 50)")
+    paint.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
+    paint.add_argument("--guidance", type=float, default=7.5, metavar="G", help="guidance scale (default 7.5)")
+    paint.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="images to draw")
+    paint.add_argument("--height", type=_positive_int, metavar="H", help="image height (default: the model's)")
+    paint.add_argument("--width", type=_positive_int, metavar="W", help="image width (default: the model's)")
+    paint.set_defaults(handler=_run_paint)
+
+
+def _run_paint(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise CommandError("the prompt is empty: say what to draw")
+    if not (args.model / "model_index.json").is_file():
+        raise CommandError(f"--model {args.model}: not a converted VisCPM-Paint folder (no model_index.json)")
+    import torch
+
+    from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+
+    try:
+        pipeline = VisCPMPaintPipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--model {args.model}: cannot load the pipeline ({error})") from error
+    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+    try:
+        images = pipeline(
+            args.prompt,
+            negative_prompt=args.negative,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_images_per_prompt=args.num_images,
+            generator=generator,
+        ).images
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    paths = [args.output] if len(images) == 1 else [
+        args.output.with_name(f"{args.output.stem}-{index}{args.output.suffix}") for index in range(len(images))
+    ]  # fmt: skip
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(path)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------ parser
 
 
@@ -263,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_convert_parser(subcommands)
     _add_chat_parser(subcommands)
+    _add_paint_parser(subcommands)
     return parser
 
 
