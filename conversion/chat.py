@@ -250,4 +250,4 @@ def convert_chat(
 
 def chat_to_original(folder: str | Path, output: str | Path) -> Path:
     """A converted VisCPM-Chat folder back in the original `VLU_CPMBee` layout (`torch.load`-able, bit-exact)."""
-    return to_original(folder, output, original_chat_key)
+    return to_original(folder, output, [("", "model", original_chat_key)])

@@ -146,19 +146,22 @@ def write_weights(
         (output / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / WEIGHTS_INDEX
+def weight_files(folder: Path, stem: str = "model") -> list[Path]:
+    """The safetensors files of a saved model: ``model*`` (transformers) or ``diffusion_pytorch_model*`` (diffusers)."""
+    index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / "model.safetensors"]
+    return [folder / f"{stem}.safetensors"]
 
 
-def verify_weights(output: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, release: bool) -> None:
+def verify_weights(
+    output: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, release: bool, stem: str = "model"
+) -> None:
     """Read every written tensor back with safetensors and compare it with its source cast to ``dtype``, bit for
     bit, a chunk at a time (each through its own short-lived memory map, so no shard piles up in memory)."""
     seen, mismatched = set(), []
     progress = tqdm(total=len(weights), desc="Verifying", unit="tensor")
-    for path in weight_files(output):
+    for path in weight_files(output, stem):
         with safe_open(path, framework="pt") as shard:
             keys = list(shard.keys())
         for key in keys:
@@ -253,9 +256,13 @@ def write_original_extras(
     save_safetensors_streaming(output / EXTRAS_FILE, extras, None, release, metadata=metadata)
 
 
-def to_original(folder: str | Path, output: str | Path, original_key: Callable[[str], str]) -> Path:
-    """Write a converted folder back as an original ``torch.save`` state dict (keys, dtypes and values of the
-    original checkpoint the folder was converted from)."""
+# a saved component of a converted folder: (subfolder, file stem, our key -> original key)
+Component = tuple[str, str, Callable[[str], str]]
+
+
+def to_original(folder: str | Path, output: str | Path, components: list[Component]) -> Path:
+    """Write a converted folder back as an original ``torch.save`` state dict: the keys (in their original order),
+    dtypes and values of the original checkpoint the folder was converted from."""
     folder, output = Path(folder), Path(output)
     extras_path = folder / EXTRAS_FILE
     if not extras_path.is_file():
@@ -265,11 +272,15 @@ def to_original(folder: str | Path, output: str | Path, original_key: Callable[[
         source_dtypes = json.loads(extras.metadata()["source_dtypes"])
         for key in extras.keys():
             state_dict[key] = extras.get_tensor(key)
-    for path in weight_files(folder):
-        with safe_open(path, framework="pt") as shard:
-            for key in shard.keys():
-                name = original_key(key)
-                state_dict[name] = shard.get_tensor(key).to(getattr(torch, source_dtypes[name]))
+    for subfolder, stem, original_key in components:
+        for path in weight_files(folder / subfolder, stem):
+            with safe_open(path, framework="pt") as shard:
+                for key in shard.keys():
+                    name = original_key(key)
+                    state_dict[name] = shard.get_tensor(key).to(getattr(torch, source_dtypes[name]))
+    missing = [name for name in source_dtypes if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensor(s) of the original: {missing[:10]}")
     state_dict = {name: state_dict[name] for name in source_dtypes}
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial")

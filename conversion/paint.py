@@ -31,7 +31,14 @@ from .checkpoint import (
     open_original_checkpoint,
     require_tensor,
 )
-from .export import parse_dtype, render_model_card, staged_output
+from .export import (
+    parse_dtype,
+    render_model_card,
+    staged_output,
+    to_original,
+    verify_weights,
+    write_original_extras,
+)
 
 UNET_PREFIX = "unet."
 BRIDGE_PREFIX = "trans_block."
@@ -197,8 +204,37 @@ from diffusers import DPMSolverMultistepScheduler
 
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 image = pipe("一座蒸汽朋克风格的唐朝寺庙", num_inference_steps=20).images[0]
+```
+
+The 10B text encoder in 4 bits on one GPU (the UNet in fp16):
+
+```python
+from transformers import BitsAndBytesConfig
+from viscpm import VisCPMPaintTextEncoder
+
+quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
+text_encoder = VisCPMPaintTextEncoder.from_pretrained(
+    "{repo}", subfolder="text_encoder", quantization_config=quantization
+)
+pipe = VisCPMPaintPipeline.from_pretrained("{repo}", text_encoder=text_encoder, dtype=torch.float16).to("cuda")
+```
+
+LoRA on the UNet's attention with peft (the text encoder stays frozen, as in MpM):
+
+```python
+from peft import LoraConfig
+
+pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 ```""",
-    "evaluation": "See the VisCPM paper and the original repository (OpenBMB/VisCPM); nothing was measured here.",
+    "evaluation": """Zero-shot FID on 30,000 MSCOCO images, reported by the VisCPM authors (not measured here):
+
+| Model | FID English | FID Chinese |
+|---|---|---|
+| Stable Diffusion | 8.6 | - |
+| AltDiffusion | 17.2 | 16.1 |
+| TaiyiDiffusion | - | 15.6 |
+| VisCPM-Paint-balance | 9.5 | 10.9 |
+| VisCPM-Paint-zhplus | 9.9 | 9.6 |""",
 }
 
 
@@ -222,12 +258,13 @@ def convert_paint(
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     model_name: str = "VisCPM-Paint",
+    verify: bool = True,
 ) -> Path:
     """Write a VisCPM-Paint pipeline folder to ``output``: ``model_index.json``, ``text_encoder/``, ``tokenizer/``,
     ``unet/``, ``vae/``, ``scheduler/``, the pipeline code and a model card. The folder appears only when complete.
 
     ``dtype`` is `fp16`, `bf16` or `fp32` for the text encoder and UNet (default: the checkpoint's); the VAE is written
-    as ``vae_dir`` holds it.
+    as ``vae_dir`` holds it. With ``verify`` the written weights are reloaded and compared with the checkpoint.
     """
     original = json.loads(Path(config).read_text(encoding="utf-8")) if config is not None else {}
     state_dict, _ = open_original_checkpoint(checkpoint)
@@ -236,7 +273,28 @@ def convert_paint(
     pipeline = build_paint_pipeline(state_dict, tokenizer, load_vae(vae_dir), original, weight_dtype)
     with staged_output(output, overwrite) as staging:
         write_paint_folder(staging, pipeline, max_shard_size, model_name)
+        source_dtypes = {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state_dict.items()}
+        write_original_extras(staging, {}, source_dtypes, release=False)
+        if verify:
+            text_weights = {key: tensor for key, tensor in state_dict.items() if not key.startswith(UNET_PREFIX)}
+            unet_weights = {
+                key.removeprefix(UNET_PREFIX): tensor
+                for key, tensor in state_dict.items()
+                if key.startswith(UNET_PREFIX)
+            }
+            verify_weights(staging / "text_encoder", text_weights, weight_dtype, release=False)
+            verify_weights(staging / "unet", unet_weights, weight_dtype, release=False, stem="diffusion_pytorch_model")
     return Path(output)
+
+
+def paint_to_original(folder: str | Path, output: str | Path) -> Path:
+    """A converted VisCPM-Paint folder back as the original flat checkpoint (``llm.*``, ``unet.*``,
+    ``trans_block.*``), bit-exact."""
+    return to_original(
+        folder,
+        output,
+        [("text_encoder", "model", paint_key), ("unet", "diffusion_pytorch_model", lambda key: UNET_PREFIX + key)],
+    )
 
 
 __all__ = [

@@ -609,3 +609,35 @@ def test_convert_paint_command(golden_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "model_index.json").is_file()
     assert main(argv + ["--vae", str(tmp_path / "missing"), "--overwrite"]) == 2
     assert "AutoencoderKL" in capsys.readouterr().err
+
+
+@golden
+def test_round_trip_to_the_original_layout_and_verification(golden_dir, tmp_path):
+    from viscpm.conversion.paint import paint_to_original
+
+    paint = golden_dir / "paint"
+    original = torch.load(only_checkpoint(paint), weights_only=True)
+    folder = convert_paint(
+        only_checkpoint(paint), golden_dir / "vocab" / "bee.txt", paint / "vae", tmp_path / "hub",
+        config=paint / "config.json", dtype="fp32",
+    )  # fmt: skip
+    back = torch.load(paint_to_original(folder, tmp_path / "back.pt"), weights_only=True)
+    assert list(back) == list(original)
+    assert all(back[key].dtype == value.dtype and torch.equal(back[key], value) for key, value in original.items())
+
+
+@golden
+@torch.no_grad()
+def test_text_encoder_in_8_bit(converted, pipe):
+    """The 10B text encoder is what needs quantizing on one GPU; the UNet stays in full/half precision."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    quantized = VisCPMPaintTextEncoder.from_pretrained(
+        converted, subfolder="text_encoder", quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    assert any(type(module).__name__ == "Linear8bitLt" for module in quantized.modules())
+    inputs = pipe.prepare_text_inputs(["a red circle"])
+    full = pipe.text_encoder.encode_prompt(**inputs).encoder_hidden_states
+    eight_bit = quantized.encode_prompt(**inputs).encoder_hidden_states
+    assert torch.nn.functional.cosine_similarity(full.flatten(), eight_bit.float().flatten(), dim=0) > 0.99

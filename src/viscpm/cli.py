@@ -155,7 +155,7 @@ def _run_convert_chat(args: argparse.Namespace) -> int:
 
 
 def _run_convert_paint(args: argparse.Namespace) -> int:
-    from .conversion.paint import convert_paint
+    from .conversion.paint import convert_paint, paint_to_original
 
     def to_hub(args):
         if args.vae is None or not args.vae.is_dir():
@@ -169,12 +169,10 @@ def _run_convert_paint(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
+            verify=not args.no_verify,
         )
 
-    def to_original(folder, output):
-        raise CommandError("--to-original is not available for VisCPM-Paint yet")
-
-    return _convert(args, to_hub, to_original)
+    return _convert(args, to_hub, paint_to_original)
 
 
 # ------------------------------------------------------------------------------------------------------------- chat
