@@ -420,3 +420,16 @@ def test_multiway_splits_on_the_token_axis():
     assert torch.equal(multiway(x, 2), torch.cat([x[:, :2], -x[:, 2:]], dim=1))
     assert torch.equal(multiway(x, 5), x)
     assert torch.equal(multiway(x, 0), -x)
+
+
+@torch.no_grad()
+def test_flex_attention_equals_eager():
+    """transformers' FlexAttention path (compiled on first use: ~20 s on CPU; inference only there)."""
+    eager, flex = tiny_model("eager"), tiny_model("flex_attention")
+    pixel_values, queries = tiny_inputs()
+    torch.testing.assert_close(
+        flex(pixel_values, query_embeds=queries).last_hidden_state,
+        eager(pixel_values, query_embeds=queries).last_hidden_state,
+        rtol=1e-5,
+        atol=1e-5,
+    )
