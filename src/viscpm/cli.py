@@ -136,20 +136,21 @@ def _convert(args: argparse.Namespace, to_hub: Callable, to_original: Callable) 
     return 0
 
 
+def _conversion_options(args: argparse.Namespace) -> dict:
+    return dict(
+        config=args.config,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        verify=not args.no_verify,
+    )
+
+
 def _run_convert_chat(args: argparse.Namespace) -> int:
     from .conversion.chat import chat_to_original, convert_chat
 
     def to_hub(args):
-        return convert_chat(
-            args.checkpoint,
-            args.vocab,
-            args.output,
-            config=args.config,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            verify=not args.no_verify,
-        )
+        return convert_chat(args.checkpoint, args.vocab, args.output, **_conversion_options(args))
 
     return _convert(args, to_hub, chat_to_original)
 
@@ -160,17 +161,7 @@ def _run_convert_paint(args: argparse.Namespace) -> int:
     def to_hub(args):
         if args.vae is None or not args.vae.is_dir():
             raise CommandError(f"--vae {args.vae}: give the folder of a diffusers AutoencoderKL (SD 2.1 base's VAE)")
-        return convert_paint(
-            args.checkpoint,
-            args.vocab,
-            args.vae,
-            args.output,
-            config=args.config,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            verify=not args.no_verify,
-        )
+        return convert_paint(args.checkpoint, args.vocab, args.vae, args.output, **_conversion_options(args))
 
     return _convert(args, to_hub, paint_to_original)
 
