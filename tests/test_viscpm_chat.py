@@ -339,3 +339,22 @@ def test_per_sub_model_attention_equals_eager(tmp_path):
     inputs = processor(images=[tiny_image(0)], text=["what ?"])
     inputs.pop("ext_tables")
     torch.testing.assert_close(mixed(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_beam_search_prefills_the_prompt_once(tmp_path, monkeypatch):
+    """The prompt runs once (not once per beam); the beams get copies of its cache. Same answers as without."""
+    model, processor = tiny_chat(tmp_path, seed=8)
+    shapes = []
+    model.llm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                                                           else kwargs["inputs_embeds"]).shape[:2])),
+        with_kwargs=True,
+    )  # fmt: skip
+    images, questions = [tiny_image(9), tiny_image(10)], ["what ?", "a b c ?"]
+    answers = model.chat(images, questions, processor, num_beams=3, max_new_tokens=5)[0]
+    prompt_length = processor(text=questions)["input_ids"].shape[1]
+    assert shapes[0] == (2, prompt_length - 1)  # the prompt, once per sample
+    assert shapes[1] == (2 * 3, 1)  # then the beams, one token each
+    monkeypatch.setattr(type(model), "_prefill_once_for_all_beams", lambda self, kwargs, beams: None)
+    assert model.chat(images, questions, processor, num_beams=3, max_new_tokens=5)[0] == answers
