@@ -59,3 +59,14 @@ def assert_tensor_equal(actual, expected, name=""):
         f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     )
     assert torch.equal(actual.long(), expected.long()), f"{name}: values differ"
+
+
+@pytest.fixture(scope="session")
+def converted_golden_chat(golden_dir, tmp_path_factory) -> Path:
+    """The golden original VisCPM-Chat checkpoint through the conversion users run (read-only for tests)."""
+    from viscpm.conversion.chat import convert_chat
+
+    (checkpoint,) = sorted((golden_dir / "chat").glob("*.pt"))
+    output = tmp_path_factory.mktemp("golden-chat") / "converted"
+    convert_chat(checkpoint, golden_dir / "vocab" / "bee.txt", output, config=golden_dir / "chat" / "config.json")
+    return output

@@ -9,7 +9,6 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig
 
 from viscpm import CpmBeeConfig
-from viscpm.conversion.chat import convert_chat
 from viscpm.modeling.modeling_cpmbee import CpmBeeFeedForward
 
 bnb = pytest.importorskip("bitsandbytes")  # the `quant` extra; CI installs it
@@ -17,11 +16,8 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="module")
-def converted(golden_dir, tmp_path_factory):
-    (checkpoint,) = sorted((golden_dir / "chat").glob("*.pt"))
-    output = tmp_path_factory.mktemp("quant") / "chat"
-    convert_chat(checkpoint, golden_dir / "vocab" / "bee.txt", output, config=golden_dir / "chat" / "config.json")
-    return output
+def converted(converted_golden_chat):
+    return converted_golden_chat
 
 
 @pytest.fixture(scope="module")

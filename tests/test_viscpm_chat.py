@@ -19,7 +19,6 @@ from viscpm import (
     VisCPMChatImageProcessor,
     VisCPMChatProcessor,
 )
-from viscpm.conversion.chat import convert_chat
 from viscpm.modeling.modeling_viscpm_chat import place_image_features
 from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, encode_structured
 
@@ -30,12 +29,8 @@ ATOL = RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def converted(golden_dir, tmp_path_factory):
-    """The golden original checkpoint through the conversion users run."""
-    (checkpoint,) = sorted((golden_dir / "chat").glob("*.pt"))
-    output = tmp_path_factory.mktemp("chat") / "converted"
-    convert_chat(checkpoint, golden_dir / "vocab" / "bee.txt", output, config=golden_dir / "chat" / "config.json")
-    return output
+def converted(converted_golden_chat):
+    return converted_golden_chat
 
 
 @pytest.fixture(scope="module")
