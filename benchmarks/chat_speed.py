@@ -239,11 +239,16 @@ class OriginalProcess:
         return self.receive()
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.write(json.dumps({"stop": True}) + "\n")
-            self.process.stdin.flush()
-            self.process.wait(timeout=60)
-        self.log.close()
+        try:
+            if self.process.poll() is None:
+                self.process.stdin.write(json.dumps({"stop": True}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()  # the child this object started, by its handle
+            self.process.wait()
+        finally:
+            self.log.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -603,7 +608,7 @@ def print_issue_reference(results: dict, lengths: list[int]) -> None:
     rescaled by how fast Llama ran here compared with the issue's Llama (the two figures were taken on different
     software: the same Llama and the same LM-head matmul ran at a different speed)."""
     reference = ISSUE_REFERENCE
-    print("\nissue 6's figures for the original (small, 3 beams; where the original is not measured):")
+    print("\nissue 6's figures for the original on this machine (small, 3 beams), for reference:")
     print(
         "| L | original prefill (s) | ours TTFT (s) | ours vs original | original steps/s | ours steps/s | "
         "ours vs original | issue's Llama steps/s | Llama steps/s here | original steps/s rescaled | ours vs rescaled |"
