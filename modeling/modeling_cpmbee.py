@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -61,6 +61,32 @@ from .configuration_cpmbee import CROSS_SAMPLE_BUCKET, CpmBeeConfig
 RESIDUAL_SCALE = 1.05  # the original divides every residual sum by 1.05
 SUB_ID_DISTANCE_SCALE = 16  # rotation angle per sub-id step, in units of the rotary frequencies
 ROTARY_BASE = 10000
+
+
+FEW_ROWS = 16  # up to this many rows a projection is computed as W @ x^T on CPU (see `project`)
+
+
+def project(linear: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``linear(hidden_states)``, computed as ``(W @ x^T)^T`` when x has a few rows on CPU.
+
+    Decoding multiplies a few rows by every weight. On CPU, ``x @ W^T`` with a small x (what ``nn.Linear`` computes)
+    takes a GEMM path that streams the weight at a third of the speed of the same product written as ``W @ x^T``
+    (7.8 vs 19 GB/s; 32 vs 4.6 ms for the 86,583-row LM head; docs/performance.md). Only an exact ``nn.Linear``
+    without hooks takes the fast form: quantized and LoRA layers, and modules whose forward accelerate replaced,
+    keep their own forward.
+    """
+    rows = hidden_states.shape[:-1].numel()
+    if (
+        rows > FEW_ROWS
+        or hidden_states.device.type != "cpu"
+        or type(linear) is not nn.Linear
+        or linear._forward_hooks
+        or linear._forward_pre_hooks
+        or "forward" in linear.__dict__
+    ):
+        return linear(hidden_states)
+    output = (linear.weight @ hidden_states.reshape(rows, -1).T).T.reshape(*hidden_states.shape[:-1], -1)
+    return output if linear.bias is None else output + linear.bias
 
 
 class CpmBeeRMSNorm(nn.Module):
@@ -228,9 +254,9 @@ class CpmBeeAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         head_shape = (batch, length, self.num_heads, self.dim_head)
-        query = (self.project_q(hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
-        key = (self.project_k(hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
-        value = (self.project_v(hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
+        query = (project(self.project_q, hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
+        key = (project(self.project_k, hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
+        value = (project(self.project_v, hidden_states) / self.input_scale).view(head_shape).transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
@@ -263,7 +289,7 @@ class CpmBeeAttention(nn.Module):
         # the original zeroes the probabilities of masked keys, so a query that sees no key outputs zeros
         attn_output = attn_output.masked_fill(~query_sees_keys[:, :, None, None], 0.0)
         attn_output = attn_output.reshape(batch, length, -1)
-        return self.attention_out(attn_output) / self.output_scale, attn_weights
+        return project(self.attention_out, attn_output) / self.output_scale, attn_weights
 
 
 class CpmBeeSelfAttentionBlock(nn.Module):
@@ -290,8 +316,8 @@ class CpmBeeDenseGatedACT(nn.Module):
         self.input_scale = math.sqrt(config.dim_model)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate = self.act(self.w_0(hidden_states) / self.input_scale)
-        return gate * (self.w_1(hidden_states) / self.input_scale)
+        gate = self.act(project(self.w_0, hidden_states) / self.input_scale)
+        return gate * (project(self.w_1, hidden_states) / self.input_scale)
 
 
 class CpmBeeFeedForward(nn.Module):
@@ -305,7 +331,7 @@ class CpmBeeFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dropout(self.w_in(hidden_states))
         # scaled BEFORE the matmul (unlike every other projection): the dim_ff-wide sum would overflow fp16
-        return self.w_out(hidden_states / self.input_scale)
+        return project(self.w_out, hidden_states / self.input_scale)
 
 
 class CpmBeeFFNBlock(nn.Module):
@@ -619,7 +645,6 @@ class CpmBeeModel(CpmBeePreTrainedModel):
 
 
 SUPPRESSED_LOGIT = -10000.0  # what the original writes into the logits of ids a sample may not generate
-FEW_ROWS = 16  # up to this many positions the LM head is computed as W @ x^T on CPU (see compute_logits)
 
 
 class CpmBeeAnswerLogitsProcessor(LogitsProcessor):
@@ -705,6 +730,78 @@ GENERATED_TOKEN_STRUCTURE = {
 }
 
 
+class CpmBeeBeamCacheLayer(DynamicLayer):
+    """A `DynamicLayer` for beam search that neither reallocates nor copies the whole cache per step.
+
+    `DynamicLayer` appends with `torch.cat` and beam search reorders it with `index_select`: two fresh copies of every
+    layer's keys and values per decode step (2 x 153 MB at L=2048 in the small benchmark model), landing in newly
+    allocated memory, which is several times slower to write than touched memory on CPU. Here keys and values live in
+    a buffer with headroom, new tokens are written in place, and a reorder copies only the rows whose beam changed
+    (none while the beams keep their order). `keys` / `values` are views of the filled part.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.buffers: list[torch.Tensor] = []
+        self.length = 0
+        self.is_initialized = True
+
+    def _expose(self) -> None:
+        self.keys, self.values = (buffer[:, :, : self.length] for buffer in self.buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        needed = self.length + key_states.shape[-2]
+        if not self.buffers or needed > self.buffers[0].shape[-2]:
+            capacity = needed + max(64, needed // 8)  # amortised growth: one copy per 1/8 of the length
+            grown = []
+            for old, states in zip(self.buffers or (None, None), (key_states, value_states)):
+                buffer = states.new_empty(*states.shape[:2], capacity, states.shape[-1])
+                if old is not None:
+                    buffer[:, :, : self.length] = old[:, :, : self.length]
+                grown.append(buffer)
+            self.buffers = grown
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length : needed] = states
+        self.length = needed
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.buffers, self.length = [], 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized:
+            self.length = self.keys.shape[-2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.get_seq_length():
+            return
+        beam_idx = beam_idx.to(self.device)
+        moved = (beam_idx != torch.arange(len(beam_idx), device=self.device)).nonzero().squeeze(1)
+        if moved.numel():
+            for buffer in self.buffers:
+                # the right-hand side is gathered into a new tensor first, so overlapping rows are read before written
+                buffer[moved, :, : self.length] = buffer[beam_idx[moved], :, : self.length]
+        self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length():
+            self.buffers = [buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers]
+            self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length():
+            self.buffers = [buffer[indices] for buffer in self.buffers]
+            self._expose()
+
+
 class CpmBeeGenerationMixin(GenerationMixin):
     """transformers' generate() for CPM-Bee inputs.
 
@@ -773,6 +870,7 @@ class CpmBeeGenerationMixin(GenerationMixin):
             if isinstance(value, torch.Tensor)
         }
         cache = DynamicCache(config=self.config.get_text_config())
+        cache.layers = [CpmBeeBeamCacheLayer() for _ in cache.layers]
         self(**prompt, cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(num_beams)
         for name in self._PROMPT_ONLY_INPUTS:
@@ -829,16 +927,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
         ext_table_sub: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits over the vocabulary and then the row's ext table: ``[(h / sqrt(d)) @ E^T, h @ ext^T]``."""
-        scaled = hidden_states / math.sqrt(self.config.dim_model)
-        rows = scaled.shape[:-1].numel()
-        if rows <= FEW_ROWS and scaled.device.type == "cpu" and type(self.lm_head) is nn.Linear:
-            # decoding: a few rows against the whole vocabulary. On CPU, `x @ W^T` with a small x takes a GEMM path
-            # ~7x slower than the same product computed as `W @ x^T` (measured on this project's CI machine: the
-            # LM head is 40% of a decode step); same map, faster kernel
-            weight = self.lm_head.weight
-            logits = (weight @ scaled.reshape(rows, -1).T.to(weight.dtype)).T.reshape(*scaled.shape[:-1], -1)
-        else:
-            logits = self.lm_head(scaled)
+        logits = project(self.lm_head, hidden_states / math.sqrt(self.config.dim_model))
         if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
             # the ext embeddings already carry the 1/sqrt(d) of the input embedding, so h is not scaled again
             ext_embeds = self.model.embed_tokens(ext_table_ids, ext_table_sub).to(hidden_states.dtype)

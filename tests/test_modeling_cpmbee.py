@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
+from viscpm.modeling.modeling_cpmbee import FEW_ROWS, CpmBeeBeamCacheLayer, project
 
 VOCAB = 97
 
@@ -344,6 +346,85 @@ def test_beam_search_scores_equal_full_forward_log_probs():
         logits = model(**extend_structure(inputs, new_tokens[:, :-1]), use_cache=False).logits[0, prompt_length - 1 :]
         log_probs = torch.log_softmax(logits.float(), -1).gather(1, new_tokens[0][:, None]).sum()
         torch.testing.assert_close(score * new_tokens.shape[1], log_probs, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_with_the_in_place_cache_equals_a_plain_dynamic_cache():
+    """generate() prefills once into `CpmBeeBeamCacheLayer`s; a caller's `DynamicCache` takes transformers' path."""
+    model = tiny_model()
+    inputs = generation_prompt(seed=5)
+    kwargs = dict(
+        num_beams=3,
+        num_return_sequences=3,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    in_place = model.generate(**inputs, **kwargs)
+    plain = model.generate(**inputs, cache=DynamicCache(config=model.config), **kwargs)
+    assert torch.equal(in_place.sequences, plain.sequences)
+    torch.testing.assert_close(in_place.sequences_scores, plain.sequences_scores)
+
+
+def test_beam_cache_layer_follows_dynamic_layer_through_every_operation():
+    generator = torch.Generator().manual_seed(0)
+    ours, reference = CpmBeeBeamCacheLayer(), DynamicLayer()
+
+    def states(batch, length):
+        return [torch.randn(batch, 2, length, 4, generator=generator) for _ in range(2)]
+
+    def check():
+        assert ours.get_seq_length() == reference.get_seq_length()
+        assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)
+
+    for layer in (ours, reference):
+        assert layer.get_seq_length() == 0
+    prompt = states(1, 70)
+    for layer in (ours, reference):
+        layer.update(*prompt)
+        layer.batch_repeat_interleave(3)
+    check()
+    for beam_idx in ([0, 1, 2], [2, 0, 0], [1, 1, 2], [0, 2, 1]):
+        step = states(3, 1)
+        for layer in (ours, reference):
+            layer.update(*step)
+            layer.reorder_cache(torch.tensor(beam_idx))
+        check()
+    many = states(3, 90)  # beyond the headroom: the buffer grows
+    for layer in (ours, reference):
+        layer.update(*many)
+        layer.crop(-5)
+        layer.batch_select_indices(torch.tensor([2, 0]))
+    check()
+    step = states(2, 1)
+    for layer in (ours, reference):
+        layer.update(*step)
+    check()
+
+
+def test_few_row_projection_equals_the_module_and_respects_replaced_forwards():
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 5)
+    for rows in (1, FEW_ROWS, FEW_ROWS + 1):
+        x = torch.randn(1, rows, 8)
+        torch.testing.assert_close(project(linear, x), linear(x))
+
+    calls = []
+    linear.register_forward_hook(lambda module, args, output: calls.append("hook"))
+
+    class Subclassed(nn.Linear):
+        def forward(self, x):
+            calls.append("subclass")
+            return super().forward(x)
+
+    replaced = nn.Linear(8, 5)
+    replaced.forward = lambda x: calls.append("instance") or nn.Linear.forward(replaced, x)  # as accelerate does
+    for module in (linear, Subclassed(8, 5), replaced):
+        project(module, torch.randn(1, 2, 8))
+    assert calls == ["hook", "subclass", "instance"]
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
