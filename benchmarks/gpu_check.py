@@ -16,6 +16,10 @@ One command, under 8 minutes on one H100 (80 GB):
    model's generation defaults) on an L-token prompt (64 image slots included) and reports the time to first token,
    decode steps/s (each step gives one answer token), and peak GPU memory (`torch.cuda.max_memory_allocated`).
 
+4. With the nf4 model, measures the memory one prefill forward adds above the weights (logits of the last position
+   only) at several prompt lengths, for sdpa (which builds the dense L x L bias CPM-Bee needs) and flex_attention
+   (bias computed inside the fused kernel, mask as a block mask): the issue's target is linear growth with flex.
+
 A first call per attention implementation is not timed: FlexAttention is compiled there (once per key length,
 shared by every later model of the process). Runs that would not fit in `--budget-s` are skipped and say so.
 
@@ -114,11 +118,28 @@ def measure_generation(model, inputs, pixel_values, new_tokens: int) -> dict:
     }
 
 
+def prefill_memory_gb(model, inputs, pixel_values) -> float:
+    """GPU memory one prefill forward adds above what is allocated before it (weights, inputs)."""
+    with torch.no_grad():
+        model(**inputs, pixel_values=pixel_values, logits_to_keep=1)  # compiles FlexAttention for this length
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(**inputs, pixel_values=pixel_values, logits_to_keep=1)
+        torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=512, help="prompt tokens, 64 image slots included (512)")
     parser.add_argument("--new-tokens", type=int, default=8, help="answer tokens per timed generate() (8)")
     parser.add_argument("--budget-s", type=float, default=450, help="skip what would not fit in this (450 s)")
+    parser.add_argument(
+        "--prefill-lengths",
+        default="1024,2048,4096",
+        help="prompt lengths of the nf4 prefill-memory sweep, comma-separated (1024,2048,4096)",
+    )
     parser.add_argument("--workdir", help="folder for the 21 GB of fp16 shards (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -159,7 +180,8 @@ def main() -> None:
         f"{text.dim_ff}, vocab {text.vocab_size}), BEiT-3 {vision.num_hidden_layers} x {vision.hidden_size} at "
         f"{vision.image_size} px, {config.query_num} queries"
     )
-    rows, checks = [], {}
+    rows, checks, prefill = [], {}, {}
+    prefill_lengths = [int(length) for length in args.prefill_lengths.split(",") if length]
     with tempfile.TemporaryDirectory(prefix="viscpm-gpu-check-", dir=args.workdir) as temporary:
         folder = Path(temporary)
         processor = synthetic_processor(folder, config.query_num, vision.image_size)
@@ -215,6 +237,19 @@ def main() -> None:
                 result["weights_gb"] = weights_gb
                 rows.append((name, label, result))
                 log(f"{name} / {label}: {result}")
+            if name == "nf4":
+                for label in ("sdpa", "flex_attention"):
+                    model.set_attn_implementation(label)
+                    for length in prefill_lengths:
+                        if left() < 60:
+                            prefill[label, length] = "skipped: time budget"
+                            continue
+                        try:
+                            prompt = chat_prompt(processor, length, device)
+                            prefill[label, length] = prefill_memory_gb(model, prompt, pixel_values)
+                        except Exception as error:  # e.g. out of memory: report it and go on
+                            prefill[label, length] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+                        log(f"nf4 prefill memory / {label} / L={length}: {prefill[label, length]}")
             del model
             gc.collect()
             torch.cuda.empty_cache()
@@ -233,6 +268,22 @@ def main() -> None:
             f"| {name} | {label} | {result['weights_gb']:.1f} | {result['peak_gb']:.1f} | {result['ttft_s']:.3f} | "
             f"{result['steps_per_s']:.1f} | {result['first_call_s']:.1f} |"
         )
+    if prefill_lengths:
+        print("\nnf4 prefill: GPU memory one forward adds above the weights (GB), and its growth per length step")
+        print("| prompt tokens | " + " | ".join(f"{label} | growth" for label in ("sdpa", "flex_attention")) + " |")
+        print("|---|" + "---|---|" * 2)
+        for index, length in enumerate(prefill_lengths):
+            cells = []
+            for label in ("sdpa", "flex_attention"):
+                value = prefill.get((label, length), "-")
+                previous = prefill.get((label, prefill_lengths[index - 1])) if index else None
+                both = isinstance(value, float) and isinstance(previous, float) and previous > 0
+                cells += [
+                    f"{value:.2f}" if isinstance(value, float) else value,
+                    f"{value / previous:.2f}x" if both else "",
+                ]
+            print(f"| {length} | " + " | ".join(cells) + " |")
+        print("(linear growth: the growth column equals the ratio of the lengths; quadratic: its square)")
     cosine = torch.nn.functional.cosine_similarity(checks["fp16"]["last"], checks["bf16"]["last"], dim=0)
     print("\n| dtype | logits finite | max abs logit |")
     print("|---|---|---|")
