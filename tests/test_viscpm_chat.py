@@ -10,13 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
 from conftest import golden_root, load_json
+from tiny_models import tiny_chat, tiny_image
 from viscpm import (
-    Beit3VisionConfig,
-    CpmBeeConfig,
     CpmBeeTokenizer,
     VisCPMChatConfig,
     VisCPMChatForConditionalGeneration,
-    VisCPMChatImageProcessor,
     VisCPMChatProcessor,
 )
 from viscpm.modeling.modeling_viscpm_chat import place_image_features
@@ -202,41 +200,6 @@ def test_multi_turn_chat_equals_the_original(chat_model, processor, golden_dir, 
 
 
 # ---------------------------------------------------------------- tiny random models
-
-
-def tiny_vocab_file(tmp_path: Path) -> Path:
-    tokens = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
-    tokens += ["image", "context", "question", "User", "AI", ":", "a", "b", "c", "?", "what", "<", ">"]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(tokens), encoding="utf-8")
-    return path
-
-
-def tiny_chat(tmp_path: Path, seed: int = 0):
-    torch.manual_seed(seed)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_vocab_file(tmp_path)))
-    config = VisCPMChatConfig(
-        vision_config=Beit3VisionConfig(
-            hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, image_size=32,
-            patch_size=16, max_source_positions=16,
-        ),
-        text_config=CpmBeeConfig(
-            vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
-            position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
-        ),
-        query_num=4,
-        max_prompt_length=80,
-    )  # fmt: skip
-    model = VisCPMChatForConditionalGeneration(config).eval()
-    image_processor = VisCPMChatImageProcessor(size={"height": 32, "width": 32})
-    processor = VisCPMChatProcessor(image_processor, tokenizer, query_num=4, max_prompt_length=80)
-    return model, processor
-
-
-def tiny_image(seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
 
 
 def test_save_and_reload_chat_model_and_processor(tmp_path):

@@ -16,19 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_ddpm
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, golden_root, load_json
+from tiny_models import TINY_UNET, tiny_pipeline
 from viscpm.conversion.checkpoint import CheckpointError, map_state_dict, read_original_checkpoint
 from viscpm.conversion.paint import convert_paint, paint_config_from_checkpoint, paint_key
-from viscpm.modeling.configuration_cpmbee import CpmBeeConfig
 from viscpm.modeling.configuration_viscpm_paint import VisCPMPaintConfig
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintModel, VisCPMPaintTextEncoder
 from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline, clip_scorer
-from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 ATOL = RTOL = 1e-4
 golden = pytest.mark.golden
@@ -322,52 +321,6 @@ def test_conversion_errors_are_clear(golden_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- tiny random models
-
-
-def tiny_vocab_file(tmp_path: Path) -> Path:
-    tokens = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
-    tokens += ["caption", "objects", "a", "b", "c", "red", "cat", "dog", "<", ">"]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(tokens), encoding="utf-8")
-    return path
-
-
-TINY_UNET = {
-    "sample_size": 4,
-    "block_out_channels": [32, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "attention_head_dim": [2, 2],
-    "cross_attention_dim": 16,
-    "use_linear_projection": True,
-}
-
-
-def tiny_pipeline(tmp_path: Path, with_vae: bool = True, seed: int = 0) -> VisCPMPaintPipeline:
-    torch.manual_seed(seed)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_vocab_file(tmp_path)))
-    config = VisCPMPaintConfig(
-        text_config=CpmBeeConfig(
-            vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
-            position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
-        ),
-        unet_config=TINY_UNET,
-        max_prompt_length=40,
-    )  # fmt: skip
-    model = VisCPMPaintModel(config).eval()
-    text_encoder = VisCPMPaintTextEncoder(config).eval()
-    text_encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("unet.")})
-    vae = None
-    if with_vae:
-        vae = AutoencoderKL(
-            block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, sample_size=8,
-        ).eval()  # fmt: skip
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
-    pipeline = VisCPMPaintPipeline(text_encoder, tokenizer, model.unet, scheduler, vae=vae)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def seeded(seed: int = 0) -> torch.Generator:

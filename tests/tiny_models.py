@@ -1,0 +1,96 @@
+"""Tiny random VisCPM-Chat and VisCPM-Paint models, shared by the test files (as transformers' model testers)."""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from PIL import Image
+
+from viscpm import Beit3VisionConfig, CpmBeeConfig, VisCPMChatConfig, VisCPMChatForConditionalGeneration
+from viscpm.modeling.configuration_viscpm_paint import VisCPMPaintConfig
+from viscpm.modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
+from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintModel, VisCPMPaintTextEncoder
+from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
+from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+
+def tiny_chat_vocab_file(tmp_path: Path) -> Path:
+    tokens = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
+    tokens += ["image", "context", "question", "User", "AI", ":", "a", "b", "c", "?", "what", "<", ">"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(tokens), encoding="utf-8")
+    return path
+
+
+def tiny_chat(tmp_path: Path, seed: int = 0):
+    torch.manual_seed(seed)
+    tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_chat_vocab_file(tmp_path)))
+    config = VisCPMChatConfig(
+        vision_config=Beit3VisionConfig(
+            hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, image_size=32,
+            patch_size=16, max_source_positions=16,
+        ),
+        text_config=CpmBeeConfig(
+            vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
+            position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
+        ),
+        query_num=4,
+        max_prompt_length=80,
+    )  # fmt: skip
+    model = VisCPMChatForConditionalGeneration(config).eval()
+    image_processor = VisCPMChatImageProcessor(size={"height": 32, "width": 32})
+    processor = VisCPMChatProcessor(image_processor, tokenizer, query_num=4, max_prompt_length=80)
+    return model, processor
+
+
+def tiny_image(seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def tiny_paint_vocab_file(tmp_path: Path) -> Path:
+    tokens = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
+    tokens += ["caption", "objects", "a", "b", "c", "red", "cat", "dog", "<", ">"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(tokens), encoding="utf-8")
+    return path
+
+
+TINY_UNET = {
+    "sample_size": 4,
+    "block_out_channels": [32, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": [2, 2],
+    "cross_attention_dim": 16,
+    "use_linear_projection": True,
+}
+
+
+def tiny_pipeline(tmp_path: Path, with_vae: bool = True, seed: int = 0) -> VisCPMPaintPipeline:
+    torch.manual_seed(seed)
+    tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_paint_vocab_file(tmp_path)))
+    config = VisCPMPaintConfig(
+        text_config=CpmBeeConfig(
+            vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
+            position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
+        ),
+        unet_config=TINY_UNET,
+        max_prompt_length=40,
+    )  # fmt: skip
+    model = VisCPMPaintModel(config).eval()
+    text_encoder = VisCPMPaintTextEncoder(config).eval()
+    text_encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("unet.")})
+    vae = None
+    if with_vae:
+        vae = AutoencoderKL(
+            block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, sample_size=8,
+        ).eval()  # fmt: skip
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    pipeline = VisCPMPaintPipeline(text_encoder, tokenizer, model.unet, scheduler, vae=vae)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
