@@ -3,6 +3,8 @@
     viscpm convert chat --checkpoint ORIGINAL.pt --vocab bee.txt --output DIR [--config FILE] [--overwrite]
     viscpm chat --model DIR --image PATH --question TEXT [--context TEXT] [--max-new-tokens N] [--num-beams N]
                 [--do-sample] [--seed S] [--json]
+    viscpm train chat-pretrain|chat-sft|paint --config FILE [--set KEY=VALUE ...] [--resume]
+    viscpm merge-lora ADAPTER_DIR --output DIR [--base DIR]
 
 One function per (sub)command, all wired up in `build_parser()`: a new command (`paint`, `train`, `serve`, `demo`)
 is a `_add_<name>_parser(subcommands)` plus a `_run_<name>(args) -> int`; a new converter is one more parser under
@@ -335,6 +337,80 @@ def _run_paint(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------ parser
 
 
+# ------------------------------------------------------------------------------------------------------------ train
+
+
+def _add_train_parser(subcommands) -> None:
+    train = subcommands.add_parser(
+        "train",
+        help="train a stage of MpM: chat-pretrain, chat-sft (full or LoRA / QLoRA) or paint",
+        description="Train one stage of MpM on transformers' Trainer, from a YAML config (see configs/). Runs under "
+        "`accelerate launch` or `torchrun` for several GPUs.",
+    )
+    train.add_argument("stage", choices=("chat-pretrain", "chat-sft", "paint"))
+    train.add_argument("--config", type=Path, help="YAML config (configs/*.yaml)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    try:
+        from .training.run import ConfigError, load_config, train
+    except ImportError as error:
+        raise CommandError(
+            f"training needs the train extra ({error.name} is missing): pip install 'viscpm[train]'"
+        ) from None
+    import transformers
+
+    transformers.logging.set_verbosity_info()
+    try:
+        config = load_config(args.stage, str(args.config) if args.config else None, args.overrides)
+        summary, report = train(args.stage, config, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from None
+    print(f"data:\n{report.summary()}")
+    print(f"{summary['global_step']} steps, mean training loss {summary['train_loss']:.4f}")
+    print(f"saved: {summary['saved']}")
+    return 0
+
+
+def _add_merge_lora_parser(subcommands) -> None:
+    merge = subcommands.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter into its base model",
+        description="Load the base model in full precision, merge the adapter into it, and save a plain "
+        "from_pretrained folder (a QLoRA adapter merges into the full-precision base, not the 4-bit one).",
+    )
+    merge.add_argument("adapter", type=Path, help="the adapter folder `viscpm train chat-sft` wrote")
+    merge.add_argument("--output", type=Path, required=True, help="folder for the merged model")
+    merge.add_argument("--base", type=Path, help="the base model (default: the one the adapter names)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.set_defaults(handler=_run_merge_lora)
+
+
+def _run_merge_lora(args: argparse.Namespace) -> int:
+    try:
+        from .training.merge import merge_lora
+    except ImportError as error:
+        raise CommandError(
+            f"merge-lora needs the train extra ({error.name} is missing): pip install 'viscpm[train]'"
+        ) from None
+    try:
+        folder = merge_lora(args.adapter, args.output, base=args.base, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    print(f"merged model written to {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -345,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(subcommands)
     _add_chat_parser(subcommands)
     _add_paint_parser(subcommands)
+    _add_train_parser(subcommands)
+    _add_merge_lora_parser(subcommands)
     return parser
 
 

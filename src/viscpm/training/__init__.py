@@ -1,0 +1,1 @@
+"""MpM training: data preparation, the chat and paint stages, LoRA merging (needs the `train` extra)."""

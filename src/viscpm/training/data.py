@@ -1,0 +1,427 @@
+"""Training data for MpM: records from `datasets`, turned into CPM-Bee training samples, mixed by ratio.
+
+Two record kinds, each read from jsonl / json / csv / parquet files (an image path or the image's bytes in a column)
+or webdataset `.tar` shards:
+
+* **caption**: an image and its caption (stage 1, and Paint). The prompt is the original's: a caption request drawn
+  from `CAPTION_PROMPTS_EN` (or `_ZH` for a Chinese caption) and the caption as the answer. Captions joined by
+  `<cap_sep>` are alternatives: one is drawn per record.
+* **conversation**: an image and a LLaVA-style conversation (`[{"from": "human", "value": ...}, {"from": "gpt", ...}]`,
+  the layout of LLaVA-Instruct-150K and its translated variants). Round i becomes one sample whose `context` holds
+  the earlier rounds as `User: ...\\nAI: ...\\n`, as the original item builder writes them; questions lose their
+  `<image>` marker and are not escaped, answers are (the original's behaviour, kept for parity).
+
+A record that cannot become a sample (missing or unreadable image, image under `min_image_size`, malformed
+conversation, empty text, sample over `max_length`) is dropped and counted by reason; `DataReport` keeps the counts
+and the first few record indices of each, for the end-of-run summary. Nothing in a malformed record can stop a run.
+
+Preparation runs once through `datasets.Dataset.map` (cached by `datasets`); images are validated there and stored
+as bytes, and decoded again into pixels only when a batch is collated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import PIL.Image
+import torch
+
+from ..modeling.structured_cpmbee import CpmBeeTrainingCollator, encode_structured
+from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+# The original's caption requests (VisCPM finetune/utils/prompts.py), typos included: they are the prompt format the
+# released models were trained on.
+CAPTION_PROMPTS_EN = (
+    "Describe the image concisely",
+    "Provide a brief description of the given image",
+    "Offer a succinct explanation of the picture presented",
+    "Summarize the visual content of the image",
+    "Share a conciseinter pretation of the image provided",
+    "Present a compact description of the photo’s key features",
+    "Relay a brief and clear account of the picture shown",
+    "Render a clear and concise summary of the photo",
+    "Write a terse but informative summary of the picture",
+    "Create a compact narrative representing the image presented",
+)
+CAPTION_PROMPTS_ZH = (
+    "简明扼要地描述图像",
+    "提供给定图像的简短描述",
+    "对所示的图片进行简要的解释",
+    "总结图像的视觉内容",
+    "对所提供的图像进行简要的解释",
+    "简明扼要并清楚地说明所示图片",
+    "对这张照片作一个简明扼要的总结",
+    "写一篇简洁但内容丰富的图片摘要",
+    "创造一个紧凑的叙事来代表所呈现的图像",
+)
+CAPTION_SEPARATOR = "<cap_sep>"
+CHINESE_CHARACTER = re.compile("[\u4e00-\u9fff]")
+RECORD_KINDS = ("caption", "conversation")
+# columns of a prepared sample: the per-token structure (lists of ints), the relation table, the image
+SAMPLE_COLUMNS = (*CpmBeeTrainingCollator.per_token_keys, "segment_rel", "image_bound", "image")
+REPORT_EXAMPLES = 5  # record indices kept per skip reason
+
+
+class SkippedRecord(Exception):
+    """A record that cannot become a training sample; the message is the reason it is counted under."""
+
+
+@dataclass
+class SourceSpec:
+    """One data source of a training config (`data.sources[i]`).
+
+    path: a file (`.jsonl`, `.json`, `.csv`, `.parquet`), a glob of them, or a glob of webdataset `.tar` shards.
+    kind: `caption` or `conversation`.
+    image_column / text_column: the record's image (a path, relative to `image_root` unless absolute, bytes, a
+        `datasets` image or a PIL image) and its caption or conversation (a list of turns or its JSON text).
+        Defaults: `image` and `caption` (`conversations` for conversations); webdataset shards: `jpg` / `png` and
+        `txt` / `json`, whichever the shard has.
+    weight: the source's share of the mixture (normalised over all sources).
+    """
+
+    path: str
+    kind: str = "caption"
+    image_column: str | None = None
+    text_column: str | None = None
+    image_root: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in RECORD_KINDS:
+            raise ValueError(f"data source {self.path!r}: kind must be one of {RECORD_KINDS}, got {self.kind!r}")
+        if not self.weight > 0:
+            raise ValueError(f"data source {self.path!r}: weight must be positive, got {self.weight}")
+        self.name = self.name or Path(self.path).stem
+
+
+@dataclass
+class DataReport:
+    """What preparation did with each source's records: kept samples and skipped records by reason."""
+
+    records: Counter = field(default_factory=Counter)
+    samples: Counter = field(default_factory=Counter)
+    skipped: dict = field(default_factory=lambda: defaultdict(Counter))
+    examples: dict = field(default_factory=lambda: defaultdict(list))
+
+    def add_skipped(self, source: str, reason: str, record_index: int) -> None:
+        self.skipped[source][reason] += 1
+        examples = self.examples[f"{source}: {reason}"]
+        if len(examples) < REPORT_EXAMPLES:
+            examples.append(record_index)
+
+    def as_dict(self) -> dict:
+        return {
+            "records": dict(self.records),
+            "samples": dict(self.samples),
+            "skipped": {source: dict(reasons) for source, reasons in self.skipped.items()},
+            "skipped_examples (record indices)": dict(self.examples),
+        }
+
+    def summary(self) -> str:
+        lines = []
+        for source, records in self.records.items():
+            skipped = sum(self.skipped[source].values())
+            lines.append(f"{source}: {records} records -> {self.samples[source]} samples, {skipped} records skipped")
+            for reason, count in sorted(self.skipped[source].items()):
+                lines.append(f"    {count} x {reason} (records {self.examples[f'{source}: {reason}']}...)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def _builder_and_files(path: str) -> tuple[str, list[str] | str]:
+    suffix = Path(path.replace("*", "x")).suffix.lower()
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tar": "webdataset"}
+    if suffix not in builders:
+        raise ValueError(
+            f"data source {path!r}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or webdataset "
+            ".tar shards"
+        )
+    if "*" not in path and not Path(path).exists():
+        raise FileNotFoundError(f"data source {path!r} does not exist")
+    return builders[suffix], path
+
+
+def load_records(spec: SourceSpec) -> datasets.Dataset:
+    """The source's records as a `datasets.Dataset`, images left undecoded."""
+    builder, files = _builder_and_files(spec.path)
+    try:
+        records = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as error:  # noqa: BLE001  (the loader's own errors are many; name the source)
+        raise ValueError(f"data source {spec.path!r} could not be read as {builder}: {error}") from error
+    for column, feature in records.features.items():
+        if isinstance(feature, datasets.Image):  # keep bytes; validation and decoding happen below
+            records = records.cast_column(column, datasets.Image(decode=False))
+    return records
+
+
+def _column(spec: SourceSpec, record: Mapping, which: str) -> str:
+    given = spec.image_column if which == "image" else spec.text_column
+    if given:
+        return given
+    if which == "image":
+        candidates = ("image", "jpg", "jpeg", "png", "webp")
+    else:
+        candidates = ("caption", "txt", "text") if spec.kind == "caption" else ("conversations", "json")
+    for name in candidates:
+        if name in record:
+            return name
+    raise ValueError(
+        f"data source {spec.path!r}: no {which} column among {list(record)}; name it with "
+        f"`{which}_column` in the source's config"
+    )
+
+
+def image_bytes(value: Any, image_root: str | None) -> bytes:
+    """The encoded image a record holds, however it holds it; raises SkippedRecord when there is none."""
+    if value is None or value == "":
+        raise SkippedRecord("missing image")
+    if isinstance(value, Mapping):  # a `datasets.Image(decode=False)` cell
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+        if not value:
+            raise SkippedRecord("missing image")
+    if isinstance(value, PIL.Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    path = Path(value)
+    if image_root and not path.is_absolute():
+        path = Path(image_root) / path
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise SkippedRecord("missing image") from None
+
+
+def open_image(data: bytes) -> PIL.Image.Image:
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        return image.convert("RGB")
+    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        raise SkippedRecord("unreadable image") from None
+
+
+# --------------------------------------------------------------------------------------------- records -> samples
+
+
+def pick_caption(caption: Any, rng: random.Random) -> str:
+    """One of the `<cap_sep>`-joined alternatives of a caption (the original draws one per use)."""
+    if not isinstance(caption, str) or not caption.strip():
+        raise SkippedRecord("empty caption")
+    return rng.choice(caption.split(CAPTION_SEPARATOR))
+
+
+def caption_prompts(caption: Any, rng: random.Random, query_num: int, tokenizer: CpmBeeTokenizer) -> list[dict]:
+    """The original item builder's caption sample: a caption request in the caption's language, the caption as the
+    answer."""
+    caption = pick_caption(caption, rng)
+    prompts = CAPTION_PROMPTS_ZH if CHINESE_CHARACTER.search(caption) else CAPTION_PROMPTS_EN
+    return [
+        {
+            "image": tokenizer.unk_token * query_num,
+            "input": rng.choice(prompts),
+            "<ans>": tokenizer.escape(caption),
+        }
+    ]
+
+
+def conversation_prompts(conversation: Any, processor) -> list[dict]:
+    """One sample per round of a LLaVA-style conversation: the prompt `processor` builds for that turn at inference
+    (`VisCPMChatProcessor.build_prompt`, earlier rounds as context), the escaped answer as the target."""
+    if isinstance(conversation, str):
+        try:
+            conversation = json.loads(conversation)
+        except json.JSONDecodeError:
+            raise SkippedRecord("conversation is not valid JSON") from None
+    if (
+        not isinstance(conversation, list)
+        or not conversation
+        or len(conversation) % 2
+        or not all(isinstance(turn, Mapping) and isinstance(turn.get("value"), str) for turn in conversation)
+        or [turn.get("from") for turn in conversation] != ["human", "gpt"] * (len(conversation) // 2)
+    ):
+        raise SkippedRecord("malformed conversation (expected alternating human / gpt turns)")
+    prompts, context = [], ""
+    for index in range(0, len(conversation), 2):
+        question = conversation[index]["value"].replace("<image>", "").strip()
+        answer = conversation[index + 1]["value"]
+        if not question or not answer.strip():
+            raise SkippedRecord("empty question or answer in a conversation")
+        prompts.append(processor.build_prompt(question, context) | {"<ans>": processor.tokenizer.escape(answer)})
+        context += f"User: {question}\nAI: {answer.replace('<image>', '').strip()}\n"
+    return prompts
+
+
+@dataclass
+class ChatPrompts:
+    """A record's text -> the structured prompts of VisCPM-Chat training samples."""
+
+    kind: str
+    processor: Any  # VisCPMChatProcessor
+
+    def __call__(self, text: Any, rng: random.Random) -> list[dict]:
+        if self.kind == "caption":
+            return caption_prompts(text, rng, self.processor.query_num, self.processor.tokenizer)
+        return conversation_prompts(text, self.processor)
+
+
+def paint_prompts(text: Any, rng: random.Random) -> list[dict]:
+    """A caption -> VisCPM-Paint's structured prompt, as the pipeline encodes prompts."""
+    from ..modeling.pipeline_viscpm_paint import paint_prompt
+
+    return [paint_prompt(pick_caption(text, rng))]
+
+
+def training_sample(tokenizer: CpmBeeTokenizer, prompt: dict, max_length: int) -> dict:
+    """A structured prompt as a training sample (lists of ints), or SkippedRecord when it is over-long."""
+    item = encode_structured(tokenizer, prompt).to_training_item()
+    if len(item["input_ids"]) > max_length:
+        raise SkippedRecord(f"over max_length={max_length} tokens")
+    return {key: item[key].tolist() for key in (*CpmBeeTrainingCollator.per_token_keys, "segment_rel")} | {
+        "image_bound": item["image_bound"].tolist()
+    }
+
+
+@dataclass
+class SamplePreparer:
+    """`datasets.Dataset.map(batched=True, with_indices=True)` function: records -> samples, plus a `skipped` row
+    (reason, no sample) for every record that yields none."""
+
+    spec: SourceSpec
+    tokenizer: CpmBeeTokenizer
+    make_prompts: Callable[[Any, random.Random], list[dict]]
+    max_length: int
+    min_image_size: int = 0
+    rounds: str = "all"
+    seed: int = 0
+
+    def record_samples(self, record: Mapping, index: int) -> list[dict]:
+        rng = random.Random(self.seed * 1_000_003 + index)  # per record: the same samples whatever the batching
+        prompts = self.make_prompts(record[_column(self.spec, record, "text")], rng)
+        if self.rounds == "first":
+            prompts = prompts[:1]
+        data = image_bytes(record[_column(self.spec, record, "image")], self.spec.image_root)
+        image = open_image(data)
+        if min(image.size) < self.min_image_size:
+            raise SkippedRecord(f"image smaller than min_image_size={self.min_image_size}")
+        samples, over_long = [], None
+        for prompt in prompts:
+            try:
+                samples.append(training_sample(self.tokenizer, prompt, self.max_length) | {"image": data})
+            except SkippedRecord as reason:  # the original skips an over-long round and keeps the others
+                over_long = reason
+        if not samples:
+            raise over_long
+        return samples
+
+    def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        columns = {name: [] for name in (*SAMPLE_COLUMNS, "record", "skipped")}
+        for position, index in enumerate(indices):
+            record = {name: values[position] for name, values in batch.items()}
+            try:
+                samples, reason = self.record_samples(record, index), None
+            except SkippedRecord as skipped:
+                samples, reason = [], str(skipped)
+            for sample in samples or [None]:
+                for name in SAMPLE_COLUMNS:
+                    columns[name].append(sample[name] if sample else None)
+                columns["record"].append(index)
+                columns["skipped"].append(reason)
+        return columns
+
+
+def prepare_source(preparer: SamplePreparer, records: datasets.Dataset, report: DataReport) -> datasets.Dataset:
+    name = preparer.spec.name
+    prepared = records.map(
+        preparer,
+        batched=True,
+        with_indices=True,
+        remove_columns=records.column_names,
+        desc=f"preparing {name}",
+    )
+    report.records[name] += len(records)
+    for reason, index in zip(prepared["skipped"], prepared["record"]):
+        if reason is not None:
+            report.add_skipped(name, reason, index)
+    kept = prepared.filter(lambda reason: reason is None, input_columns="skipped")
+    report.samples[name] += len(kept)
+    return kept.remove_columns(["skipped", "record"])
+
+
+def mix_sources(sources: Sequence[datasets.Dataset], weights: Sequence[float], seed: int) -> datasets.Dataset:
+    """One dataset drawing from each source with probability proportional to its weight, until every source has
+    been seen whole (`datasets.interleave_datasets`, "all_exhausted")."""
+    if len(sources) == 1:
+        return sources[0]
+    empty = [index for index, source in enumerate(sources) if len(source) == 0]
+    if empty:
+        raise ValueError(f"data sources {empty} have no usable sample: see the preparation summary")
+    total = sum(weights)
+    return datasets.interleave_datasets(
+        list(sources),
+        probabilities=[weight / total for weight in weights],
+        seed=seed,
+        stopping_strategy="all_exhausted",
+    )
+
+
+def build_training_data(
+    specs: Sequence[SourceSpec],
+    tokenizer: CpmBeeTokenizer,
+    prompts_for: Callable[[SourceSpec], Callable[[Any, random.Random], list[dict]]],
+    max_length: int,
+    min_image_size: int = 0,
+    rounds: str = "all",
+    seed: int = 0,
+) -> tuple[datasets.Dataset, DataReport]:
+    """Every source prepared (`prompts_for(spec)` turns its records' texts into structured prompts) and mixed."""
+    if not specs:
+        raise ValueError("the config names no data source (data.sources)")
+    if rounds not in ("all", "first"):
+        raise ValueError(f"data.conversation_rounds must be 'all' or 'first', got {rounds!r}")
+    report = DataReport()
+    prepared = [
+        prepare_source(
+            SamplePreparer(spec, tokenizer, prompts_for(spec), max_length, min_image_size, rounds, seed),
+            load_records(spec),
+            report,
+        )
+        for spec in specs
+    ]
+    if sum(len(source) for source in prepared) == 0:
+        raise ValueError(f"no record of the data sources gave a training sample:\n{report.summary()}")
+    return mix_sources(prepared, [spec.weight for spec in specs], seed), report
+
+
+# ------------------------------------------------------------------------------------------------------ batching
+
+
+@dataclass
+class ImageTextCollator:
+    """Prepared samples -> a model batch: the CPM-Bee training collator for the text, `image_transform` (a PIL image
+    -> a `(3, H, W)` tensor) for the pixels."""
+
+    tokenizer: CpmBeeTokenizer
+    max_length: int
+    image_transform: Callable[[PIL.Image.Image], Any]
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(rows)
+        batch.pop("pixel_values", None)
+        batch["pixel_values"] = torch.stack([self.image_transform(open_image(row["image"])) for row in rows])
+        return batch

@@ -1,0 +1,148 @@
+"""VisCPM-Paint training: the noise-prediction loss on a pipeline's components, with staged unfreezing.
+
+CPM-Bee stays frozen. The bridge and the UNet learn to predict the noise (or the velocity, as the scheduler's
+`prediction_type` says) that was added to the VAE latents of an image, conditioned on its caption's CPM-Bee states.
+Training is staged as the paper describes: the bridge first, then also the UNet's cross-attention, then the whole
+UNet (`paint.unfreeze`: the step at which each stage starts and the parts it trains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback
+
+from ..modeling.modeling_viscpm_paint import CPMBEE_INPUT_NAMES
+from ..modeling.structured_cpmbee import CpmBeeTrainingCollator
+from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+PAINT_PARTS = ("bridge", "unet_cross_attention", "unet")
+DEFAULT_UNFREEZE = (
+    {"step": 0, "train": ["bridge"]},
+    {"step": 1000, "train": ["bridge", "unet_cross_attention"]},
+    {"step": 5000, "train": ["bridge", "unet"]},
+)
+
+
+class VisCPMPaintTrainingModel(nn.Module):
+    """The pipeline's text encoder (CPM-Bee + bridge), UNet and VAE, with a training scheduler; returns the loss.
+
+    The VAE and CPM-Bee are frozen and run without gradients; noise and timesteps come from torch's global generator,
+    which `Trainer` seeds and restores on `--resume`.
+    """
+
+    def __init__(self, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, noise_scheduler):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.noise_scheduler = noise_scheduler
+        self.text_encoder.llm.requires_grad_(False)
+        self.vae.requires_grad_(False)
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        cross_attention = [p for name, p in self.unet.named_parameters() if ".attn2." in name]
+        return {
+            "bridge": list(self.text_encoder.trans_block.parameters()),
+            "unet_cross_attention": cross_attention,
+            "unet": list(self.unet.parameters()),
+        }
+
+    def train_only(self, parts: Sequence[str]) -> None:
+        unknown = sorted(set(parts) - set(PAINT_PARTS))
+        if unknown:
+            raise ValueError(f"paint.unfreeze names {unknown}; the parts are {list(PAINT_PARTS)}")
+        groups = self.parts()
+        for group in groups.values():
+            for parameter in group:
+                parameter.requires_grad_(False)
+        for part in parts:
+            for parameter in groups[part]:
+                parameter.requires_grad_(True)
+
+    def forward(self, pixel_values: torch.Tensor, **cpmbee_inputs) -> dict:
+        with torch.no_grad():
+            latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+            latents = latents * self.vae.config.scaling_factor
+            text_hidden_states = self.text_encoder.llm(
+                **{name: cpmbee_inputs[name] for name in CPMBEE_INPUT_NAMES if cpmbee_inputs.get(name) is not None},
+                use_cache=False,
+            ).last_hidden_state
+        encoder_hidden_states = self.text_encoder.trans_block(text_hidden_states).to(self.unet.dtype)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+        return {"loss": F.mse_loss(prediction.float(), target.float())}
+
+
+class StagedUnfreezing(TrainerCallback):
+    """Before every optimizer step, train the parts of the stage that step belongs to (`paint.unfreeze`).
+
+    The optimizer holds every part from the start (frozen parameters get no gradient, so the optimizer leaves them
+    as they are), hence a stage change needs no new optimizer, and a resumed run picks the stage of its step.
+    """
+
+    def __init__(self, model: VisCPMPaintTrainingModel, stages: Sequence[Mapping]):
+        if not stages or stages[0].get("step", 0) != 0:
+            raise ValueError("paint.unfreeze must start with a stage at step 0")
+        steps = [stage["step"] for stage in stages]
+        if steps != sorted(steps):
+            raise ValueError(f"paint.unfreeze steps must increase, got {steps}")
+        self.model = model
+        self.stages = [dict(stage) for stage in stages]
+        self.current = None
+        for stage in self.stages:
+            model.train_only(stage["train"])  # validates the names now, not mid-run
+
+    def stage_at(self, step: int) -> Mapping:
+        return [stage for stage in self.stages if stage["step"] <= step][-1]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        stage = self.stage_at(state.global_step)
+        if stage is not self.current:
+            self.model.train_only(stage["train"])
+            self.current = stage
+
+
+@dataclass
+class PaintCollator:
+    """Prepared caption samples -> pixels in [-1, 1] at `resolution` and the CPM-Bee batch of their prompts; with
+    probability `caption_dropout` a caption is replaced by the empty one, so that the model also learns the
+    unconditional prediction classifier-free guidance needs."""
+
+    tokenizer: CpmBeeTokenizer
+    max_length: int
+    resolution: int
+    caption_dropout: float = 0.1
+
+    def __post_init__(self):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.image_processor = VaeImageProcessor(do_resize=True, do_normalize=True)
+        from ..modeling.pipeline_viscpm_paint import paint_prompt
+        from .data import training_sample
+
+        self.empty_caption = training_sample(self.tokenizer, paint_prompt(""), self.max_length)
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        from .data import open_image
+
+        dropped = torch.rand(len(rows)) < self.caption_dropout
+        samples = [self.empty_caption if drop else row for row, drop in zip(rows, dropped.tolist())]
+        batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(samples)
+        images = [open_image(row["image"]) for row in rows]
+        batch["pixel_values"] = self.image_processor.preprocess(
+            images, height=self.resolution, width=self.resolution, resize_mode="crop"
+        )
+        return {key: batch[key] for key in (*CPMBEE_INPUT_NAMES, "pixel_values") if key in batch}

@@ -1,0 +1,278 @@
+"""`viscpm train STAGE --config FILE`: one entry point for the three MpM stages, on transformers' `Trainer`.
+
+The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any entry. Its sections:
+
+    model: DIR                 a from_pretrained folder: VisCPM-Chat (chat stages) or a VisCPM-Paint pipeline (paint)
+    output_dir: DIR            checkpoints (checkpoint-N/), the final model, data_summary.json
+    seed: 0
+    data:                      sources and how records become samples (see viscpm.training.data)
+      sources: [{path, kind, image_column, text_column, image_root, weight, name}, ...]
+      max_length: 512          samples over it are skipped (and counted)
+      min_image_size: 0        images whose shorter side is under it are skipped (the original fine-tuning used 128)
+      conversation_rounds: all all rounds of a conversation (the original kept only the first: `first`)
+    tune_llm / tune_vision:    chat stages (defaults per stage below)
+    lora: {r, alpha, dropout, target_modules, modules_to_save, quantization: null | nf4 | int8}   chat-sft only
+    paint: {resolution, caption_dropout, unfreeze: [{step, train: [bridge | unet_cross_attention | unet]}, ...]}
+    training:                  keyword arguments of transformers.TrainingArguments, as they are: learning rate and
+                               schedule, batch size, gradient_accumulation_steps, bf16 / fp16,
+                               gradient_checkpointing, save_steps, deepspeed (a ZeRO config file), fsdp, ...
+
+Multi-GPU runs launch the same command under `accelerate launch` or `torchrun`; distribution, mixed precision,
+DeepSpeed and FSDP are the Trainer's. `--resume` continues from the newest checkpoint in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("chat-pretrain", "chat-sft", "paint")
+STAGE_DEFAULTS = {
+    "chat-pretrain": {"tune_llm": False, "tune_vision": False},
+    "chat-sft": {"tune_llm": True, "tune_vision": True},
+    "paint": {},
+}
+DEFAULTS = {
+    "model": None,
+    "output_dir": None,
+    "seed": 0,
+    "data": {"sources": [], "max_length": 512, "min_image_size": 0, "conversation_rounds": "all"},
+    "tune_llm": None,
+    "tune_vision": None,
+    "lora": None,
+    "paint": {"resolution": 512, "caption_dropout": 0.1, "unfreeze": None},
+    "training": {},
+}
+TRAINING_DEFAULTS = {
+    "save_steps": 500,
+    "logging_steps": 10,
+    "report_to": "none",
+    "remove_unused_columns": False,  # the collators read the image bytes, which no forward() names
+    "dataloader_num_workers": 0,
+}
+FINAL_FOLDER = "final"
+ADAPTER_FOLDER = "adapter"
+logger = logging.getLogger("viscpm.train")
+
+
+class ConfigError(ValueError):
+    """A config entry that is missing, unknown or of the wrong kind."""
+
+
+FREE_FORM = ("training", "lora")  # passed on as they are (TrainingArguments fields, LoRA settings)
+
+
+def merge(base: dict, override: dict, path: str = "") -> dict:
+    """`override` laid over `base`; keys `base` does not know are an error, except inside the free-form sections."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config entry {where!r}; known here: {sorted(base)}")
+        if where in FREE_FORM and isinstance(value, dict):
+            merged[key] = {**(base[key] or {}), **copy.deepcopy(value)}
+        elif isinstance(base[key], dict) and isinstance(value, dict):
+            merged[key] = merge(base[key], value, f"{where}.")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=value` -> {"a": {"b": value}}, the value read as YAML (numbers, booleans, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. training.learning_rate=1e-4), got {text!r}")
+    result: Any = yaml.safe_load(value) if value else None
+    for part in reversed(key.split(".")):
+        result = {part: result}
+    return result
+
+
+def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+    config = merge(DEFAULTS, {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read the config {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config entries")
+        config = merge(config, loaded)
+    for override in overrides:
+        config = merge(config, parse_override(override))
+    for key, value in STAGE_DEFAULTS[stage].items():
+        if config[key] is None:
+            config[key] = value
+    for key in ("model", "output_dir"):
+        if not config[key]:
+            raise ConfigError(f"the config needs `{key}` (in the YAML, or --set {key}=...)")
+    if config["lora"] is not None and stage != "chat-sft":
+        raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
+    return config
+
+
+def training_arguments(config: dict):
+    from transformers import TrainingArguments
+
+    arguments = {**TRAINING_DEFAULTS, **config["training"]}
+    arguments.update(output_dir=config["output_dir"], seed=config["seed"])
+    try:
+        return TrainingArguments(**arguments)
+    except TypeError as error:
+        raise ConfigError(f"training: {error} (entries are transformers.TrainingArguments fields)") from None
+
+
+def source_specs(config: dict):
+    from .data import SourceSpec
+
+    specs = []
+    for index, source in enumerate(config["data"]["sources"]):
+        if not isinstance(source, dict) or "path" not in source:
+            raise ConfigError(f"data.sources[{index}] needs at least a `path`")
+        try:
+            specs.append(SourceSpec(**source))
+        except TypeError as error:
+            raise ConfigError(f"data.sources[{index}]: {error}") from None
+    return specs
+
+
+def build_chat(stage: str, config: dict, arguments):
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from .chat import add_lora, bitsandbytes_config, set_chat_trainable, trainable_summary
+    from .data import ChatPrompts, ImageTextCollator, build_training_data
+
+    lora = config["lora"]
+    quantization = bitsandbytes_config(lora.get("quantization")) if lora else None
+    processor = AutoProcessor.from_pretrained(config["model"])
+    # fp32 master weights (the Trainer's bf16 / fp16 autocast does the mixed precision); a quantized base keeps
+    # bitsandbytes' own storage
+    model = AutoModel.from_pretrained(config["model"], dtype=torch.float32, quantization_config=quantization)
+    if lora:  # peft freezes the whole base and trains the adapters (and `modules_to_save`)
+        model = add_lora(model, lora, quantized=quantization is not None,
+                         gradient_checkpointing=arguments.gradient_checkpointing)  # fmt: skip
+    else:
+        set_chat_trainable(model, tune_llm=config["tune_llm"], tune_vision=config["tune_vision"])
+    logger.info("%s: %s", stage, trainable_summary(model))
+    data = config["data"]
+    dataset, report = build_training_data(
+        source_specs(config),
+        processor.tokenizer,
+        lambda spec: ChatPrompts(spec.kind, processor),
+        max_length=data["max_length"],
+        min_image_size=data["min_image_size"],
+        rounds=data["conversation_rounds"],
+        seed=config["seed"],
+    )
+
+    def pixels(image):
+        return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    collator = ImageTextCollator(processor.tokenizer, data["max_length"], pixels)
+    return model, processor, dataset, report, collator, []
+
+
+def build_paint(config: dict):
+    from diffusers import DDPMScheduler
+
+    from ..modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+    from .data import build_training_data, paint_prompts
+    from .paint import DEFAULT_UNFREEZE, PaintCollator, StagedUnfreezing, VisCPMPaintTrainingModel
+
+    pipeline = VisCPMPaintPipeline.from_pretrained(config["model"])
+    if pipeline.vae is None:
+        raise ConfigError(f"{config['model']} has no VAE: Paint training encodes images with it")
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    model = VisCPMPaintTrainingModel(pipeline.text_encoder, pipeline.unet, pipeline.vae, noise_scheduler)
+    unfreezing = StagedUnfreezing(model, config["paint"]["unfreeze"] or DEFAULT_UNFREEZE)
+    model.train_only([part for stage in unfreezing.stages for part in stage["train"]])  # the optimizer sees them all
+    data = config["data"]
+    dataset, report = build_training_data(
+        source_specs(config),
+        pipeline.tokenizer,
+        lambda spec: paint_prompts,
+        max_length=data["max_length"],
+        min_image_size=data["min_image_size"],
+        seed=config["seed"],
+    )
+    collator = PaintCollator(
+        pipeline.tokenizer, data["max_length"], config["paint"]["resolution"], config["paint"]["caption_dropout"]
+    )
+    return model, pipeline, dataset, report, collator, [unfreezing]
+
+
+def save_result(stage: str, config: dict, trainer, model, saver) -> Path:
+    """The trained model as a `from_pretrained` folder (LoRA: the adapter alone), written to a temporary folder and
+    moved into place when complete."""
+    output = Path(config["output_dir"])
+    folder = output / (ADAPTER_FOLDER if config["lora"] else FINAL_FOLDER)
+    staging = output / f".{folder.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    if stage == "paint":
+        saver.save_pretrained(staging)  # the pipeline: its components are the trained modules
+    else:
+        trainer.accelerator.unwrap_model(model).save_pretrained(staging)
+        saver.save_pretrained(staging)  # the processor
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def latest_complete_checkpoint(output: Path) -> Path | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (the Trainer writes it last) exists: a run killed while
+    writing a checkpoint resumes from the one before."""
+    complete = [
+        path
+        for path in output.glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+def train(stage: str, config: dict, resume: bool = False):
+    """Run one stage; returns the summary also written to `output_dir/run_summary.json`, and the data report."""
+    from transformers import Trainer, set_seed
+
+    output = Path(config["output_dir"])
+    checkpoint = latest_complete_checkpoint(output)
+    if not resume and any(output.glob("checkpoint-*")):
+        raise ConfigError(
+            f"{output} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+        )
+    if resume and checkpoint is None:
+        raise ConfigError(f"--resume: {output} holds no complete checkpoint-N folder to continue from")
+    arguments = training_arguments(config)
+    set_seed(config["seed"])
+    if stage == "paint":
+        model, saver, dataset, report, collator, callbacks = build_paint(config)
+    else:
+        model, saver, dataset, report, collator, callbacks = build_chat(stage, config, arguments)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "data_summary.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    logger.info("data:\n%s", report.summary())
+
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
+    folder = save_result(stage, config, trainer, model, saver)
+    summary = {
+        "stage": stage,
+        "saved": str(folder),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "data": report.as_dict(),
+    }
+    (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary, report
