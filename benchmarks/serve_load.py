@@ -1,0 +1,106 @@
+"""Load test of `viscpm serve`: N chat requests over loopback from C concurrent clients, then it stops.
+
+    python benchmarks/serve_load.py                         # starts a server on the shipped toy model itself
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --requests 200 --concurrency 8
+
+Prints latency percentiles, throughput, and how many answers were well-formed (status 200, an OpenAI chat
+completion object with one non-empty assistant message); exits with status 1 if any was not.
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def well_formed(status: int, body: dict) -> bool:
+    try:
+        (choice,) = body["choices"]
+        return (
+            status == 200
+            and body["object"] == "chat.completion"
+            and choice["message"]["role"] == "assistant"
+            and isinstance(choice["message"]["content"], str)
+            and choice["message"]["content"].strip() != ""
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def one_request(url: str, payload: bytes) -> tuple[float, bool]:
+    request = urllib.request.Request(url + "/v1/chat/completions", data=payload,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    begin = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            status, body = response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        status, body = error.code, {}
+    except (OSError, ValueError):
+        status, body = 0, {}
+    return time.perf_counter() - begin, well_formed(status, body)
+
+
+def start_local_server(model: Path | None):
+    sys.path.insert(0, str(REPO / "src"))
+    from viscpm.cli import DEFAULT_CHAT_MODEL
+    from viscpm.serving.server import VisCPMService, make_server
+
+    service = VisCPMService(model or DEFAULT_CHAT_MODEL, None)
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    return server, f"http://{host}:{port}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running server (default: start one in this process)")
+    parser.add_argument("--model", type=Path, help="VisCPM-Chat folder for the local server (default: shipped toy)")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--image", type=Path, default=REPO / "examples" / "circle.png")
+    parser.add_argument("--question", default="图中是什么形状？")
+    args = parser.parse_args()
+
+    server, url = (None, args.url.rstrip("/")) if args.url else start_local_server(args.model)
+    content = [
+        {"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
+        {"type": "text", "text": args.question},
+    ]
+    request = {"model": "viscpm-chat", "max_tokens": args.max_tokens, "temperature": 0,
+               "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    payload = json.dumps(request).encode()
+    began = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(lambda _: one_request(url, payload), range(args.requests)))
+    elapsed = time.perf_counter() - began
+    if server is not None:
+        server.shutdown()
+    latencies = sorted(seconds for seconds, _ in results)
+    good = sum(ok for _, ok in results)
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    print(f"{args.requests} requests, {args.concurrency} concurrent, {url}")
+    print("| requests | well-formed | p50 (s) | p90 (s) | p99 (s) | max (s) | requests/s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.requests} | {good} | {quantiles[49]:.3f} | {quantiles[89]:.3f} | {quantiles[98]:.3f} | "
+          f"{latencies[-1]:.3f} | {args.requests / elapsed:.2f} |")  # fmt: skip
+    return 0 if good == args.requests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

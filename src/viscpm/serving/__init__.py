@@ -1,0 +1,1 @@
+"""Serving VisCPM: an OpenAI-compatible HTTP API."""

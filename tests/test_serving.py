@@ -1,0 +1,163 @@
+"""`viscpm serve`: the OpenAI-compatible API on tiny models, driven by the official openai client on loopback."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from tiny_models import tiny_chat, tiny_image, tiny_pipeline
+from viscpm.serving.server import Limits, VisCPMService, make_server
+
+openai = pytest.importorskip("openai")
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    model, processor = tiny_chat(folder)
+    model.save_pretrained(folder / "chat")
+    processor.save_pretrained(folder / "chat")
+    tiny_pipeline(folder).save_pretrained(folder / "paint")
+    service = VisCPMService(folder / "chat", folder / "paint", Limits(max_image_bytes=50_000), paint_steps=2)
+    httpd = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    host, port = httpd.server_address[:2]
+    yield {"url": f"http://{host}:{port}", "service": service, "model": model, "processor": processor}
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+def question(text="what ?", image=None, history=()):
+    content = [{"type": "image_url", "image_url": {"url": data_url(image or tiny_image(3))}}, {"type": "text",
+               "text": text}]  # fmt: skip
+    return [{"role": "user", "content": content}] if not history else [
+        {"role": "user", "content": content[:1] + [{"type": "text", "text": history[0]}]},
+        {"role": "assistant", "content": history[1]},
+        {"role": "user", "content": text},
+    ]  # fmt: skip
+
+
+def post(server, path, body: bytes | dict, content_type="application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server["url"] + path, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_chat_completion_equals_the_model_and_continues_a_conversation(server, client):
+    answer = server["model"].chat(tiny_image(3), "what ?", server["processor"], num_beams=1, max_new_tokens=5)[0]
+    completion = client.chat.completions.create(model="chat", messages=question(), temperature=0, max_tokens=5)
+    assert completion.choices[0].message.content == answer and completion.object == "chat.completion"
+    assert completion.usage.prompt_tokens > 0 and completion.choices[0].finish_reason in ("stop", "length")
+
+    context = f"User: what ?\nAI: {answer}\n"
+    expected = server["model"].chat(
+        tiny_image(3), "a b ?", server["processor"], context=context, num_beams=1, max_new_tokens=5
+    )[0]
+    follow_up = client.chat.completions.create(
+        model="chat", messages=question("a b ?", history=("what ?", answer)), temperature=0, max_tokens=5
+    )
+    assert follow_up.choices[0].message.content == expected
+
+
+def test_streamed_chat_gives_the_same_answer(server, client):
+    whole = client.chat.completions.create(model="chat", messages=question("c ?"), temperature=0, max_tokens=6)
+    stream = client.chat.completions.create(model="chat", messages=question("c ?"), temperature=0, max_tokens=6,
+                                            stream=True)  # fmt: skip
+    chunks = list(stream)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_sampling_gives_n_choices(client):
+    completion = client.chat.completions.create(model="chat", messages=question(), temperature=1.0, top_p=0.9, n=3,
+                                                max_tokens=3)  # fmt: skip
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+
+
+def test_images_come_back_as_png_of_the_size_asked(client):
+    result = client.images.generate(model="paint", prompt="a red cat", n=2, size="32x32", response_format="b64_json")
+    assert len(result.data) == 2
+    for item in result.data:
+        assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (32, 32)
+
+
+def test_models_and_health(server, client):
+    assert {model.id for model in client.models.list()} == {"chat", "paint"}
+    with urllib.request.urlopen(server["url"] + "/health") as response:
+        assert json.loads(response.read()) == {"status": "ok", "chat": True, "paint": True}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "what ?"}]}, 400, "no image"),
+        ("/v1/chat/completions", {"messages": question(image=Image.effect_noise((300, 300), 60).convert("RGB"))},
+         413, "more than the 50000"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, {"type": "text", "text": "a"}]}]},
+         400, "data URL"),
+        ("/v1/chat/completions", {"messages": question(), "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"messages": question(), "n": 2, "temperature": 0}, 400, "n > 1 needs sampling"),
+        ("/v1/images/generations", {"prompt": "a cat", "size": "33x20"}, 400, "unsupported size"),
+        ("/v1/images/generations", {"prompt": "a cat", "response_format": "url"}, 400, "b64_json"),
+        ("/v1/images/generations", {"prompt": " "}, 400, "prompt"),
+        ("/v1/nothing", {}, 404, "no such endpoint"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, body, status, words):
+    code, payload = post(server, path, body)
+    assert code == status and words in payload["error"]["message"], payload
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert post(server, "/v1/images/generations", {"prompt": "a cat", "size": "32x32"})[0] == 200
+
+
+def test_openai_client_raises_on_errors(client):
+    with pytest.raises(openai.BadRequestError, match="no image"):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "what ?"}])
+
+
+def test_concurrent_requests_queue_for_the_model(server, client, monkeypatch):
+    """Never two generations at once, whatever the number of clients."""
+    service, active, most = server["service"], [0], [0]
+    original = service.chat_model.chat
+
+    def counting_chat(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        try:
+            return original(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(service.chat_model, "chat", counting_chat)
+
+    def ask(_):
+        completion = client.chat.completions.create(model="chat", messages=question(), temperature=0, max_tokens=4)
+        return completion.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    assert most[0] == 1 and len(set(answers)) == 1
