@@ -1,0 +1,414 @@
+"""`viscpm experiment mpm-mini`: the MpM claim at toy scale, with this repository's classes and training stages.
+
+A tiny CPM-Bee (the real class, a vocabulary cut down to this world) is pretrained from scratch on text about
+easy-vqa's world of coloured shapes: the pivot. VisCPM-Chat is then built around it and trained as the paper
+trains the real one: stage 1 (`chat-pretrain`) on English image captions with the pivot frozen, stage 2
+(`chat-sft`) on English visual questions plus a small translated share. It is evaluated on held-out images with
+English questions and with Chinese questions in phrasings stages 1 and 2 never saw.
+
+Three systems, the same recipe but for one thing each:
+
+* `mpm`: the pivot reads English and Chinese; multimodal data in English (plus the translated share in stage 2).
+* `english_pivot` (baseline i): the pivot was pretrained on English text only.
+* `native` (baseline ii): stage 1 and 2 also get Chinese multimodal data (captions and all questions in Chinese).
+
+The pivot's text: for a scene written as text ("a red circle" / "一个红色的圆形") in the image slot of the chat
+prompt, questions of every phrasing with their answers, in the question's language, and the caption request task
+(the scene's description asked for in either language: monolingual copies and translations). English-only pivot:
+the English part only. The experiment's design and results: docs/mpm-mini.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..modeling.structured_cpmbee import CpmBeeTrainingCollator
+from . import glossary as g
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>")
+STRUCTURE_WORDS = ("image", "context", "question", "input", "caption", "objects", "User", "AI")
+SYSTEMS = ("mpm", "english_pivot", "native")
+LANGUAGES = ("en", "zh")
+EVAL_NEW_TOKENS = 6  # the longest answer (三角形, rectangle) is 3 tokens, then </s>
+
+
+@dataclass
+class MiniConfig:
+    seed: int = 0
+    translated_share: float = 0.05  # of stage-2 conversations, Chinese (the paper: needed to answer in Chinese)
+    train_images: int | None = None  # None: all of easy-vqa's training images
+    eval_questions: int = 600  # per language, on held-out (test) images
+    pivot_samples: int = 40000
+    pivot_steps: int = 2500
+    stage1_steps: int = 1200
+    stage2_steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    text: dict = field(default_factory=lambda: dict(dim_model=128, num_heads=4, dim_head=32, dim_ff=384, num_layers=4))
+    vision: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=128,
+            num_attention_heads=4,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            image_size=64,
+            patch_size=16,
+        )  # fmt: skip
+    )
+    query_num: int = 8
+    systems: tuple = SYSTEMS
+
+
+QUICK = MiniConfig(
+    train_images=24, eval_questions=8, pivot_samples=64, pivot_steps=3, stage1_steps=2, stage2_steps=2, batch_size=4,
+    text=dict(dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=1),
+    vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1, image_size=32,
+                patch_size=16),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- the world
+
+
+def load_world(split: str) -> tuple[dict[int, dict], list[tuple[int, str, dict, str]], dict[int, str]]:
+    """easy-vqa's `split`: each image's scene `{colour, shape}` (read off its questions' answers), its
+    non-negated questions `(image_id, kind, slots, English question)`, and the image paths."""
+    import easy_vqa
+
+    if split == "train":
+        texts, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        texts, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    scenes: dict[int, dict] = defaultdict(dict)
+    questions = []
+    for text, answer, image_id in zip(texts, answers, image_ids):
+        parsed = g.question_kind(text)
+        if parsed is None:
+            continue
+        kind, slots = parsed
+        questions.append((image_id, kind, slots, text))
+        scene = scenes[image_id]
+        if kind == "shape":
+            scene["shape"] = answer
+            scene.update(slots)
+        elif kind == "colour":
+            scene["colour"] = answer
+            scene.update(slots)
+        elif answer == "yes":
+            scene.update(slots)
+    complete = {image_id: scene for image_id, scene in scenes.items() if {"colour", "shape"} <= scene.keys()}
+    questions = [question for question in questions if question[0] in complete]
+    return complete, questions, paths
+
+
+def vocabulary(extra_texts: list[str]) -> list[str]:
+    """The cut-down CPM-Bee vocabulary: special tokens, the structured format's keys, every English word and every
+    character of the texts (so greedy longest match never falls back to ext ids)."""
+    from ..training.data import CAPTION_PROMPTS_EN, CAPTION_PROMPTS_ZH
+
+    texts = [*g.all_texts(), *CAPTION_PROMPTS_EN, *CAPTION_PROMPTS_ZH, *extra_texts]
+    words, characters = set(STRUCTURE_WORDS), set()
+    for text in texts:
+        characters.update(text)
+        words.update(re.findall(r"[A-Za-z’']+", text))
+    characters -= {" ", "\n", "<", ">"}
+    return [*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS)), *sorted(characters - words)]
+
+
+# --------------------------------------------------------------------------------------------------- the pivot
+
+
+def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) -> list[dict]:
+    """Text-only chat prompts about random scenes: the scene's description in the image slot, then a question (any
+    phrasing, any of `languages`) or a caption request; the answer in the question's language."""
+    from ..training.data import CAPTION_PROMPTS_EN, CAPTION_PROMPTS_ZH
+
+    requests = {"en": CAPTION_PROMPTS_EN, "zh": CAPTION_PROMPTS_ZH}
+    question_templates = {
+        "en": [(kind, t) for kind, ts in g.EN_TEMPLATES.items() for t in ts],
+        "zh": [(kind, t) for table in (g.ZH_TRAIN_TEMPLATES, g.ZH_EVAL_TEMPLATES) for kind, ts in table.items()
+               for t in ts],
+    }  # fmt: skip
+    prompts = []
+    for _ in range(count):
+        scene = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
+        seen_in, asked_in = rng.choice(languages), rng.choice(languages)
+        description = g.describe(seen_in, **scene)
+        if rng.random() < 0.25:
+            prompts.append({"image": description, "input": rng.choice(requests[asked_in]),
+                            "<ans>": g.describe(asked_in, **scene)})  # fmt: skip
+            continue
+        kind, template = rng.choice(question_templates[asked_in])
+        slots = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
+        if rng.random() < 0.5:  # half the yes / no questions ask about the scene itself: answer yes
+            slots = dict(scene)
+        answer = g.answer_for(kind, scene, slots)
+        question = g.fill(template, asked_in, **slots)
+        prompts.append({"image": description, "context": "", "question": question,
+                        "<ans>": g.answer_in(asked_in, answer)})  # fmt: skip
+    return prompts
+
+
+def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], output: Path):
+    """A CPM-Bee LM trained from scratch on `pivot_prompts` with transformers' Trainer."""
+    import datasets
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from ..modeling.configuration_cpmbee import CpmBeeConfig
+    from ..modeling.modeling_cpmbee import CpmBeeForCausalLM
+    from ..training.data import training_sample
+
+    set_seed(config.seed)
+    rng = random.Random(config.seed)
+    samples = [
+        training_sample(tokenizer, prompt, 10**6) for prompt in pivot_prompts(languages, rng, config.pivot_samples)
+    ]
+    max_length = max(len(sample["input_ids"]) for sample in samples)
+    model = CpmBeeForCausalLM(
+        CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **config.text)
+    )
+    arguments = TrainingArguments(
+        output_dir=str(output), max_steps=config.pivot_steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(100, config.pivot_steps // 10),
+        weight_decay=0.01, logging_steps=max(1, config.pivot_steps // 20), save_strategy="no", report_to="none",
+        seed=config.seed, dataloader_pin_memory=False, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=datasets.Dataset.from_list(samples),
+        data_collator=CpmBeeTrainingCollator(tokenizer, max_length),
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return model.eval(), losses
+
+
+def chat_folder(config: MiniConfig, pivot, tokenizer, output: Path) -> Path:
+    """VisCPM-Chat around the pivot (its weights copied), saved with its processor: the input of stage 1."""
+    from ..modeling.configuration_beit3 import Beit3VisionConfig
+    from ..modeling.configuration_viscpm_chat import VisCPMChatConfig
+    from ..modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
+    from ..modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
+    from ..modeling.processing_viscpm_chat import VisCPMChatProcessor
+
+    torch.manual_seed(config.seed)
+    vision = Beit3VisionConfig(max_source_positions=config.query_num + 8, **config.vision)
+    chat_config = VisCPMChatConfig(vision_config=vision, text_config=pivot.config, query_num=config.query_num,
+                                   max_prompt_length=256)  # fmt: skip
+    model = VisCPMChatForConditionalGeneration(chat_config)
+    model.llm.load_state_dict(pivot.state_dict())
+    size = config.vision["image_size"]
+    processor = VisCPMChatProcessor(
+        VisCPMChatImageProcessor(size={"height": size, "width": size}),
+        tokenizer,
+        query_num=config.query_num,
+        max_prompt_length=256,
+    )
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    return output
+
+
+# -------------------------------------------------------------------------------------------------- stages 1, 2
+
+
+def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, questions, paths) -> dict[str, list]:
+    """Stage 1 captions and stage 2 conversations as files `viscpm train` reads; returns the data sources."""
+    rng = random.Random(config.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_ids = sorted(scenes)
+    if config.train_images is not None:
+        image_ids = rng.sample(image_ids, min(config.train_images, len(image_ids)))
+    chosen = set(image_ids)
+    caption_languages = ("en", "zh") if system == "native" else ("en",)
+    captions = []
+    for image_id in image_ids:
+        for language in caption_languages:
+            captions.append({"image": paths[image_id], "caption": g.describe(language, **scenes[image_id])})
+    (folder / "captions.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions), "utf-8")
+
+    conversations = []
+    for image_id, kind, slots, question in questions:
+        if image_id not in chosen:
+            continue
+        answer = g.answer_for(kind, scenes[image_id], slots)
+        turns = [(question, answer)]
+        if system == "native":
+            turns.append((g.fill(rng.choice(g.ZH_TRAIN_TEMPLATES[kind]), "zh", **slots), g.ZH[answer]))
+        elif rng.random() < config.translated_share:
+            turns = [(g.fill(rng.choice(g.ZH_TRAIN_TEMPLATES[kind]), "zh", **slots), g.ZH[answer])]
+        for asked, answered in turns:
+            conversations.append({"image": paths[image_id], "conversations": [
+                {"from": "human", "value": asked}, {"from": "gpt", "value": answered}]})  # fmt: skip
+    (folder / "vqa.json").write_text(json.dumps(conversations, ensure_ascii=False), "utf-8")
+    share = Counter(
+        "zh" if re.search("[\u4e00-\u9fff]", c["conversations"][0]["value"]) else "en" for c in conversations
+    )
+    return {"captions": len(captions), "conversations": dict(share)}
+
+
+def run_stage(stage: str, model: Path, data: Path, kind: str, steps: int, config: MiniConfig, output: Path) -> dict:
+    from ..training.run import load_config, train
+
+    entries = {
+        "model": str(model),
+        "output_dir": str(output),
+        "seed": config.seed,
+        "data": {"sources": [{"path": str(data), "kind": kind}], "max_length": 96},
+        "training": {
+            "max_steps": steps, "per_device_train_batch_size": config.batch_size,
+            "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine",
+            "warmup_steps": min(100, steps // 10), "logging_steps": max(1, steps // 20), "save_strategy": "no",
+            "dataloader_pin_memory": False,
+        },
+    }  # fmt: skip
+    overrides = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in entries.items()]
+    summary, _ = train(stage, load_config(stage, None, overrides))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluation_set(config: MiniConfig, scenes, questions, paths) -> dict[str, list[tuple[str, str, str]]]:
+    """`(image path, question, expected answer)` per language, on held-out images: easy-vqa's own English test
+    questions, and the same (image, kind, slots) asked with the Chinese evaluation phrasings."""
+    rng = random.Random(config.seed + 1)
+    chosen = rng.sample(questions, min(config.eval_questions, len(questions)))
+    sets = {"en": [], "zh": []}
+    for image_id, kind, slots, question in chosen:
+        answer = g.answer_for(kind, scenes[image_id], slots)
+        sets["en"].append((paths[image_id], question, answer))
+        zh_question = g.fill(rng.choice(g.ZH_EVAL_TEMPLATES[kind]), "zh", **slots)
+        sets["zh"].append((paths[image_id], zh_question, g.ZH[answer]))
+    return sets
+
+
+@torch.no_grad()
+def accuracy(model_dir: Path, examples: list[tuple[str, str, str]], batch_size: int = 64) -> float:
+    """Exact match of the greedy answer (the whole decoded answer, stripped) with the expected one."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        images = [Image.open(path).convert("RGB") for path, _, _ in batch]
+        answers, _, _ = model.chat(
+            images, [q for _, q, _ in batch], processor, num_beams=1, max_new_tokens=EVAL_NEW_TOKENS
+        )
+        correct += sum(answer.strip() == expected for answer, (_, _, expected) in zip(answers, batch))
+    return correct / max(len(examples), 1)
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+
+
+def run(output: Path, config: MiniConfig, log=print) -> dict:
+    """Every system: pivot, stage 1, stage 2, evaluation. Writes `results.json` (and the trained models) to
+    `output`; returns the results."""
+    from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+    started = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    train_scenes, train_questions, train_paths = load_world("train")
+    test_scenes, test_questions, test_paths = load_world("test")
+    vocab_file = output / "vocab.txt"
+    vocab_file.write_text("\n".join(vocabulary([q for *_, q in train_questions + test_questions])) + "\n", "utf-8")
+    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab_file))
+    evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
+    results = {"config": asdict(config), "vocab_size": tokenizer.vocab_size, "systems": {}}
+    results["split"] = {"train_images": config.train_images or len(train_scenes), "test_images": len(test_scenes),
+                        "eval_questions_per_language": len(evaluation["en"])}  # fmt: skip
+    pivots = {}
+    for system in config.systems:
+        languages = ("en",) if system == "english_pivot" else ("en", "zh")
+        work = output / system
+        if languages not in pivots:
+            log(f"[{time.perf_counter() - started:5.0f} s] pivot on {'+'.join(languages)} text")
+            pivots[languages] = train_pivot(config, tokenizer, languages, output / f"pivot-{'-'.join(languages)}")
+        pivot, pivot_losses = pivots[languages]
+        base = chat_folder(config, pivot, tokenizer, work / "base")
+        counts = write_stage_data(work / "data", config, system, train_scenes, train_questions, train_paths)
+        log(f"[{time.perf_counter() - started:5.0f} s] {system}: stage 1 on {counts['captions']} captions")
+        stage1 = run_stage("chat-pretrain", base, work / "data" / "captions.jsonl", "caption", config.stage1_steps,
+                           config, work / "stage1")  # fmt: skip
+        log(f"[{time.perf_counter() - started:5.0f} s] {system}: stage 2 on {counts['conversations']} conversations")
+        stage2 = run_stage("chat-sft", Path(stage1["saved"]), work / "data" / "vqa.json", "conversation",
+                           config.stage2_steps, config, work / "stage2")  # fmt: skip
+        scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in LANGUAGES}
+        log(f"[{time.perf_counter() - started:5.0f} s] {system}: accuracy {scores}")
+        results["systems"][system] = {
+            "accuracy": scores,
+            "model": stage2["saved"],
+            "data": counts,
+            "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
+        }
+    results["seconds"] = round(time.perf_counter() - started)
+    (output / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return results
+
+
+def report_table(results: dict) -> str:
+    lines = ["| system | English accuracy | Chinese accuracy (zero-shot phrasings) |", "|---|---|---|"]
+    for system, entry in results["systems"].items():
+        accuracy_ = entry["accuracy"]
+        lines.append(f"| {system} | {100 * accuracy_['en']:.1f} | {100 * accuracy_['zh']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(results["systems"])
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    width = 0.38
+    for offset, language in ((-width / 2, "en"), (width / 2, "zh")):
+        values = [100 * results["systems"][s]["accuracy"][language] for s in systems]
+        bars = axis.bar([i + offset for i in range(len(systems))], values, width, label=language)
+        axis.bar_label(bars, fmt="%.0f", fontsize=8)
+    axis.set_xticks(range(len(systems)), systems)
+    axis.set_ylabel("exact-match accuracy (%)")
+    axis.set_ylim(0, 105)
+    axis.legend(title="question language", fontsize=8)
+    axis.set_title("mpm-mini: easy-vqa, held-out images")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def install_default(results: dict, system: str, destination: Path) -> Path:
+    """Copy a trained system's final folder to `destination` (the package's shipped default), decoding greedily
+    as the evaluation does (answers are one or two tokens: beam search's length penalty only adds noise)."""
+    from transformers import GenerationConfig
+
+    source = Path(results["systems"][system]["model"])
+    staging = destination.with_name(f".{destination.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    generation = GenerationConfig.from_pretrained(staging)
+    generation.update(num_beams=1, length_penalty=1.0, early_stopping=False, max_new_tokens=EVAL_NEW_TOKENS)
+    generation.save_pretrained(staging)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+    return destination
+
+
+__all__ = ["QUICK", "MiniConfig", "run", "report_table", "plot", "install_default", "replace"]

@@ -1,0 +1,83 @@
+"""mpm-mini: the experiment's pipeline in a few steps, its glossary, and the shipped default model."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from viscpm.cli import DEFAULT_CHAT_MODEL, main
+from viscpm.experiments import glossary as g
+from viscpm.experiments import mpm_mini
+
+easy_vqa = pytest.importorskip("easy_vqa", reason="the experiment extra (easy-vqa) is not installed")
+
+
+def test_every_english_question_kind_is_parsed_and_answered():
+    _, questions, _ = mpm_mini.load_world("test")
+    kinds = {kind for _, kind, _, _ in questions}
+    assert kinds == set(g.EN_TEMPLATES)
+    texts, answers, image_ids = easy_vqa.get_test_questions()
+    scenes, _, _ = mpm_mini.load_world("test")
+    # the scene read off an image's questions answers every non-negated question of that image as easy-vqa does
+    checked = 0
+    for text, answer, image_id in zip(texts, answers, image_ids):
+        parsed = g.question_kind(text)
+        if parsed and image_id in scenes:
+            assert g.answer_for(parsed[0], scenes[image_id], parsed[1]) == answer, text
+            checked += 1
+    assert checked > 1000
+
+
+def test_chinese_evaluation_phrasings_never_appear_in_stage_data(tmp_path):
+    scenes, questions, paths = mpm_mini.load_world("train")
+    config = mpm_mini.replace(mpm_mini.QUICK, train_images=200, translated_share=0.5)
+    mpm_mini.write_stage_data(tmp_path, config, "native", scenes, questions, paths)
+    asked = {turn["value"] for record in json.loads((tmp_path / "vqa.json").read_text()) for turn in
+             record["conversations"] if turn["from"] == "human"}  # fmt: skip
+    evaluation = mpm_mini.evaluation_set(mpm_mini.replace(config, eval_questions=300), *mpm_mini.load_world("test"))
+    assert evaluation["zh"] and not {question for _, question, _ in evaluation["zh"]} & asked
+    assert any("？" in question for question in asked)  # the native system's Chinese questions are there
+
+
+def test_vocabulary_covers_every_text_without_ext_ids(tmp_path):
+    from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+    _, questions, _ = mpm_mini.load_world("train")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(mpm_mini.vocabulary([q for *_, q in questions])) + "\n", encoding="utf-8")
+    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
+    prompts = mpm_mini.pivot_prompts(("en", "zh"), random.Random(0), 500)
+    for prompt in prompts:
+        for text in prompt.values():
+            ids, ext_table = tokenizer.encode_with_ext_table(text)
+            assert not ext_table, text
+
+
+def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
+    """Every stage of every system for a few steps on tiny sizes, through the command line."""
+    assert main(["experiment", "mpm-mini", "--quick", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["systems"]) == set(mpm_mini.SYSTEMS)
+    for entry in results["systems"].values():
+        assert set(entry["accuracy"]) == {"en", "zh"} and all(0 <= v <= 1 for v in entry["accuracy"].values())
+        assert entry["losses"]["stage2"]
+    assert (tmp_path / "accuracy.png").stat().st_size > 0 and "| mpm |" in capsys.readouterr().out
+
+
+def test_shipped_default_answers_held_out_questions_in_both_languages():
+    """The default `viscpm chat` model on held-out easy-vqa images, English and zero-shot Chinese phrasings."""
+    config = mpm_mini.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7)
+    evaluation = mpm_mini.evaluation_set(config, *mpm_mini.load_world("test"))
+    with torch.no_grad():
+        scores = {
+            language: mpm_mini.accuracy(DEFAULT_CHAT_MODEL, examples) for language, examples in evaluation.items()
+        }
+    assert scores["en"] >= 0.8 and scores["zh"] >= 0.7, scores
+
+
+def test_readme_main_command_answers_in_chinese_with_the_shipped_default(capsys):
+    image = REPO_ROOT / "examples" / "circle.png"
+    assert main(["chat", "--image", str(image), "--question", "图中是什么形状？"]) == 0
+    assert capsys.readouterr().out.strip() == g.ZH["circle"]
