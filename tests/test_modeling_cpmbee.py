@@ -323,23 +323,23 @@ def test_greedy_generate_equals_argmax_loop_without_cache():
     assert generated.max() < VOCAB + inputs["ext_table_ids"].shape[1]
 
 
+# three beams, all returned with their scores, every answer of the length asked (no end token)
+THREE_BEAMS_FORCED = dict(
+    num_beams=3,
+    num_return_sequences=3,
+    do_sample=False,
+    eos_token_id=None,
+    pad_token_id=0,
+    output_scores=True,
+    return_dict_in_generate=True,
+)
+
+
 def test_beam_search_scores_equal_full_forward_log_probs():
     """Beam search reorders the cache and the per-beam structure; its scores must match a fresh forward."""
     model = tiny_model()
     inputs = generation_prompt(seed=3)
-    out = model.generate(
-        **inputs,
-        num_beams=3,
-        num_return_sequences=3,
-        max_new_tokens=5,
-        min_new_tokens=5,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        length_penalty=1.0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    out = model.generate(**inputs, **THREE_BEAMS_FORCED, max_new_tokens=5, min_new_tokens=5, length_penalty=1.0)
     prompt_length = inputs["input_ids"].shape[1]
     for sequence, score in zip(out.sequences, out.sequences_scores):
         new_tokens = sequence[None, prompt_length:]
@@ -352,17 +352,7 @@ def test_beam_search_with_the_in_place_cache_equals_a_plain_dynamic_cache():
     """generate() prefills once into `CpmBeeBeamCacheLayer`s; a caller's `DynamicCache` takes transformers' path."""
     model = tiny_model()
     inputs = generation_prompt(seed=5)
-    kwargs = dict(
-        num_beams=3,
-        num_return_sequences=3,
-        max_new_tokens=6,
-        min_new_tokens=6,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    kwargs = dict(THREE_BEAMS_FORCED, max_new_tokens=6, min_new_tokens=6)
     in_place = model.generate(**inputs, **kwargs)
     plain = model.generate(**inputs, cache=DynamicCache(config=model.config), **kwargs)
     assert torch.equal(in_place.sequences, plain.sequences)

@@ -11,6 +11,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -221,16 +222,21 @@ def test_webdataset_shards_and_mixing_by_weight(tmp_path):
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     captions = caption_source(tmp_path / "data", copies=1, malformed=False)
+    parquet = tmp_path / "bytes.parquet"  # images as bytes in the file
+    datasets.Dataset.from_dict(
+        {"picture": [png_bytes(colour_image("green"))] * 2, "text": ["a green", "a green<cap_sep>green"]}
+    ).to_parquet(parquet)
     specs = [
         SourceSpec(path=str(shard), weight=3.0),
         SourceSpec(path=str(captions), image_root=str(tmp_path / "data"), weight=1.0),
+        SourceSpec(path=str(parquet), image_column="picture", text_column="text", weight=0.5),
     ]
     mixed, report = build_training_data(
         specs, processor.tokenizer, lambda spec: ChatPrompts(spec.kind, processor), max_length=64
     )
-    assert report.samples == {"shard-000": 20, "captions": 4}
-    # "all_exhausted" oversamples the smaller source until both are seen whole, in about a 3 : 1 ratio
-    assert len(mixed) >= 24
+    assert report.samples == {"shard-000": 20, "captions": 4, "bytes": 2}
+    # "all_exhausted" oversamples the smaller sources until every one is seen whole, drawing in a 3 : 1 : 0.5 ratio
+    assert len(mixed) >= 26
 
 
 # ---------------------------------------------------------------- stages on tiny models
@@ -297,9 +303,8 @@ def test_chat_pretrain_trains_the_queries_and_language_experts_only(tmp_path):
 def test_chat_sft_trains_everything_but_the_patch_embedding(tmp_path):
     folder = chat_folder(tmp_path)
     before = state(AutoModel.from_pretrained(folder))
-    config = load_config(
-        "chat-sft", None, [f"{k}={json.dumps(v)}" for k, v in chat_config(tmp_path, folder, "sft").items()]
-    )
+    entries = chat_config(tmp_path, folder, "sft", training={"gradient_checkpointing": True})
+    config = load_config("chat-sft", None, [f"{key}={json.dumps(value)}" for key, value in entries.items()])
     summary, _ = train("chat-sft", config)
     assert falls(summary["losses"]), summary["losses"]
     after = state(AutoModel.from_pretrained(summary["saved"]))
@@ -364,9 +369,24 @@ def test_paint_loss_falls(tmp_path):
     folder = paint_folder(tmp_path)
     unfreeze = [{"step": 0, "train": ["bridge", "unet"]}]
     config = chat_config(tmp_path, folder, "paint", steps=12, paint={"resolution": 16, "unfreeze": unfreeze},
-                         training={"learning_rate": 3e-3})  # fmt: skip
+                         training={"learning_rate": 3e-3, "gradient_checkpointing": True})  # fmt: skip
     summary, _ = train("paint", load_config("paint", str(write_config(tmp_path / "c.yaml", **config))))
     assert falls(summary["losses"]), summary["losses"]
+
+
+def test_the_command_line_run_lists_skipped_records(tmp_path, capsys):
+    folder = chat_folder(tmp_path)
+    config = chat_config(tmp_path, folder, "cli", steps=2)
+    config["data"]["sources"][0]["path"] = str(caption_source(tmp_path / "data", malformed=True))
+    config["data"]["min_image_size"] = 16
+    config["training"]["save_steps"] = 1
+    assert main(["train", "chat-pretrain", "--config", str(write_config(tmp_path / "c.yaml", **config))]) == 0
+    printed = capsys.readouterr().out
+    assert "captions: 13 records -> 8 samples, 5 records skipped" in printed
+    assert "1 x unreadable image" in printed and f"saved: {tmp_path / 'cli' / 'final'}" in printed
+    summary = json.loads((tmp_path / "cli" / "data_summary.json").read_text())
+    assert summary["skipped"]["captions"]["missing image"] == 1
+    assert main(["train", "chat-pretrain", "--config", str(tmp_path / "c.yaml")]) == 2  # checkpoints, no --resume
 
 
 def test_config_errors_name_the_entry(tmp_path):

@@ -13,7 +13,9 @@ in a traceback.
 """
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from pathlib import Path
 from . import __version__
 
 PROG = "viscpm"
+# the toy VisCPM-Chat `viscpm experiment mpm-mini --install-default` trains (docs/mpm-mini.md)
+DEFAULT_CHAT_MODEL = Path(__file__).resolve().parent / "defaults" / "viscpm-chat-mini"
 # exit status of a usage or input error (argparse's own) and of an interrupt (128 + SIGINT)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -179,7 +183,13 @@ def _add_chat_parser(subcommands) -> None:
         "defaults come from the folder's generation_config.json (the original's: beam search with 3 beams); the "
         "options below override them only when given.",
     )
-    chat.add_argument("--model", required=True, type=Path, metavar="DIR", help="converted VisCPM-Chat folder")
+    chat.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="converted VisCPM-Chat folder (default: the toy model shipped with viscpm, trained by "
+        "`viscpm experiment mpm-mini`)",
+    )
     chat.add_argument("--image", required=True, type=Path, metavar="PATH", help="image file")
     chat.add_argument("--question", required=True, metavar="TEXT", help="the question (CPM-Bee markup: write < as <<)")
     chat.add_argument(
@@ -223,6 +233,13 @@ def _check_chat_folder(model_dir: Path) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
+    if args.model is None:
+        args.model = DEFAULT_CHAT_MODEL
+        if not (args.model / "config.json").is_file():
+            raise CommandError(
+                f"no --model given and the shipped default {args.model} is missing: pass --model DIR (a folder "
+                "written by `viscpm convert chat`), or reinstall viscpm"
+            )
     if not args.question.strip():
         raise CommandError("--question is empty: ask a question about the image")
     _check_chat_folder(args.model)
@@ -334,9 +351,6 @@ def _run_paint(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------------------ parser
-
-
 # ------------------------------------------------------------------------------------------------------------ train
 
 
@@ -361,16 +375,26 @@ def _add_train_parser(subcommands) -> None:
     train.set_defaults(handler=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _needs_extra(what: str, extra: str):
+    """An ImportError inside becomes one error line that names the extra to install."""
     try:
-        from .training.run import ConfigError, load_config, train
+        yield
     except ImportError as error:
         raise CommandError(
-            f"training needs the train extra ({error.name} is missing): pip install 'viscpm[train]'"
+            f"{what} needs the {extra} extra ({error.name} is missing): pip install 'viscpm[{extra}]'"
         ) from None
-    import transformers
 
-    transformers.logging.set_verbosity_info()
+
+def _log_training() -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("viscpm.train").setLevel(logging.INFO)  # the data report and the trainable parameters
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    with _needs_extra("training", "train"):
+        from .training.run import ConfigError, load_config, train
+    _log_training()
     try:
         config = load_config(args.stage, str(args.config) if args.config else None, args.overrides)
         summary, report = train(args.stage, config, resume=args.resume)
@@ -397,18 +421,93 @@ def _add_merge_lora_parser(subcommands) -> None:
 
 
 def _run_merge_lora(args: argparse.Namespace) -> int:
-    try:
+    with _needs_extra("merge-lora", "train"):
         from .training.merge import merge_lora
-    except ImportError as error:
-        raise CommandError(
-            f"merge-lora needs the train extra ({error.name} is missing): pip install 'viscpm[train]'"
-        ) from None
     try:
         folder = merge_lora(args.adapter, args.output, base=args.base, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise CommandError(str(error)) from None
     print(f"merged model written to {folder}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------- experiment
+
+
+def _add_experiment_parser(subcommands) -> None:
+    experiment = subcommands.add_parser(
+        "experiment",
+        help="reproduce the MpM claim at toy scale (mpm-mini)",
+        description="mpm-mini: a tiny CPM-Bee pivot, VisCPM-Chat trained on English image data only, evaluated in "
+        "English and zero-shot in Chinese, against two baselines (docs/mpm-mini.md).",
+    )
+    experiment.add_argument("name", choices=("mpm-mini",))
+    experiment.add_argument("--output", type=Path, default=Path("runs/mpm-mini"), help="work and results folder")
+    experiment.add_argument("--seed", type=_int, default=0)
+    experiment.add_argument("--quick", action="store_true", help="a few steps on tiny sizes: checks the pipeline")
+    experiment.add_argument(
+        "--install-default",
+        action="store_true",
+        help="copy the trained mpm model into the package as the default of `viscpm chat`",
+    )
+    experiment.set_defaults(handler=_run_experiment)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    with _needs_extra("the experiment", "train"):
+        from .experiments import mpm_mini
+    _log_training()
+    config = mpm_mini.replace(mpm_mini.QUICK if args.quick else mpm_mini.MiniConfig(), seed=args.seed)
+    with _needs_extra("the experiment", "experiment"):
+        results = mpm_mini.run(args.output, config)
+    print(mpm_mini.report_table(results))
+    (args.output / "table.md").write_text(mpm_mini.report_table(results) + "\n", encoding="utf-8")
+    mpm_mini.plot(results, args.output / "accuracy.png")
+    print(f"results: {args.output / 'results.json'}, plot: {args.output / 'accuracy.png'} ({results['seconds']} s)")
+    if args.install_default:
+        print(f"installed: {mpm_mini.install_default(results, 'mpm', DEFAULT_CHAT_MODEL)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ serve
+
+
+def _add_serve_parser(subcommands) -> None:
+    serve = subcommands.add_parser(
+        "serve",
+        help="serve VisCPM-Chat (and Paint) over an OpenAI-compatible HTTP API",
+        description="An HTTP server with POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models and "
+        "GET /health, in the OpenAI format (the official openai client works against it). Requests queue for the "
+        "model one at a time.",
+    )
+    serve.add_argument("--model", type=Path, metavar="DIR", help="VisCPM-Chat folder (default: the shipped toy model)")
+    serve.add_argument("--paint-model", type=Path, metavar="DIR", help="VisCPM-Paint folder (images endpoint)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
+    serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
+    serve.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serving.server import VisCPMService, make_server
+
+    model = args.model if args.model is not None else DEFAULT_CHAT_MODEL
+    _check_chat_folder(model)
+    if args.paint_model is not None and not (args.paint_model / "model_index.json").is_file():
+        raise CommandError(f"--paint-model {args.paint_model}: not a VisCPM-Paint folder (no model_index.json)")
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    service = VisCPMService(model, args.paint_model, paint_steps=args.paint_steps)
+    server = make_server(service, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_paint_parser(subcommands)
     _add_train_parser(subcommands)
     _add_merge_lora_parser(subcommands)
+    _add_experiment_parser(subcommands)
+    _add_serve_parser(subcommands)
     return parser
 
 

@@ -44,6 +44,11 @@ class VisCPMPaintTrainingModel(nn.Module):
         self.text_encoder.llm.requires_grad_(False)
         self.vae.requires_grad_(False)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """What `TrainingArguments(gradient_checkpointing=True)` calls: the UNet recomputes its activations in the
+        backward pass (CPM-Bee and the VAE run without gradients and keep none)."""
+        self.unet.enable_gradient_checkpointing()
+
     def parts(self) -> dict[str, list[nn.Parameter]]:
         cross_attention = [p for name, p in self.unet.named_parameters() if ".attn2." in name]
         return {
