@@ -507,6 +507,35 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_parser(subcommands) -> None:
+    demo = subcommands.add_parser(
+        "demo",
+        help="a gradio web demo of VisCPM-Chat or VisCPM-Paint",
+        description="A gradio app: chat (image upload, multi-turn chat with a streamed answer, clear) or paint "
+        "(prompt, negative prompt, steps, seed, gallery).",
+    )
+    demo.add_argument("app", choices=("chat", "paint"))
+    demo.add_argument("--model", type=Path, metavar="DIR", help="model folder (chat: default the shipped toy model)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    demo.add_argument("--port", type=_int, default=7860, help="port (7860)")
+    demo.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    with _needs_extra("the demo", "demo"):
+        from .serving.demo import chat_app, paint_app
+    if args.app == "chat":
+        model = args.model if args.model is not None else DEFAULT_CHAT_MODEL
+        _check_chat_folder(model)
+        app = chat_app(model)
+    else:
+        if args.model is None or not (args.model / "model_index.json").is_file():
+            raise CommandError("viscpm demo paint needs --model DIR, a folder written by `viscpm convert paint`")
+        app = paint_app(args.model)
+    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------ parser
 
 
@@ -524,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_lora_parser(subcommands)
     _add_experiment_parser(subcommands)
     _add_serve_parser(subcommands)
+    _add_demo_parser(subcommands)
     return parser
 
 

@@ -20,6 +20,7 @@ the English part only. The experiment's design and results: docs/mpm-mini.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -38,6 +39,7 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "<
 STRUCTURE_WORDS = ("image", "context", "question", "input", "caption", "objects", "User", "AI")
 SYSTEMS = ("mpm", "english_pivot", "native")
 LANGUAGES = ("en", "zh")
+PROGRESS = functools.partial(print, flush=True)
 EVAL_NEW_TOKENS = 6  # the longest answer (三角形, rectangle) is 3 tokens, then </s>
 
 
@@ -318,7 +320,7 @@ def accuracy(model_dir: Path, examples: list[tuple[str, str, str]], batch_size: 
 # ----------------------------------------------------------------------------------------------------- the run
 
 
-def run(output: Path, config: MiniConfig, log=print) -> dict:
+def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     """Every system: pivot, stage 1, stage 2, evaluation. Writes `results.json` (and the trained models) to
     `output`; returns the results."""
     from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
