@@ -210,9 +210,18 @@ def _add_chat_parser(subcommands) -> None:
     chat.set_defaults(handler=_run_chat)
 
 
-def _check_chat_folder(model_dir: Path) -> None:
-    """Fails early, and clearly, on a folder that is not a converted VisCPM-Chat model."""
+def _chat_folder(model_dir: Path | None) -> Path:
+    """The VisCPM-Chat folder to load: `--model`, or the shipped toy model without it; fails early, and clearly, on a
+    folder that is not a converted VisCPM-Chat model."""
     from .modeling.configuration_viscpm_chat import VisCPMChatConfig
+
+    if model_dir is None:
+        if not (DEFAULT_CHAT_MODEL / "config.json").is_file():
+            raise CommandError(
+                f"no --model given and the shipped default {DEFAULT_CHAT_MODEL} is missing: pass --model DIR (a "
+                "folder written by `viscpm convert chat`), or reinstall viscpm"
+            )
+        return DEFAULT_CHAT_MODEL
 
     if not model_dir.exists():
         raise CommandError(f"--model {model_dir}: no such folder")
@@ -230,19 +239,22 @@ def _check_chat_folder(model_dir: Path) -> None:
         raise CommandError(
             f"--model {model_dir}: a {model_type!r} model, not VisCPM-Chat ({VisCPMChatConfig.model_type!r}); {hint}"
         )
+    return model_dir
+
+
+def _paint_folder(model_dir: Path | None, flag: str = "--model") -> Path:
+    if model_dir is None or not (model_dir / "model_index.json").is_file():
+        raise CommandError(
+            f"{flag} {model_dir}: not a converted VisCPM-Paint folder (no model_index.json); write one with "
+            "`viscpm convert paint`"
+        )
+    return model_dir
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    if args.model is None:
-        args.model = DEFAULT_CHAT_MODEL
-        if not (args.model / "config.json").is_file():
-            raise CommandError(
-                f"no --model given and the shipped default {args.model} is missing: pass --model DIR (a folder "
-                "written by `viscpm convert chat`), or reinstall viscpm"
-            )
     if not args.question.strip():
         raise CommandError("--question is empty: ask a question about the image")
-    _check_chat_folder(args.model)
+    args.model = _chat_folder(args.model)
 
     import torch
     from transformers import AutoModel, AutoProcessor
@@ -317,8 +329,7 @@ def _add_paint_parser(subcommands) -> None:
 def _run_paint(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CommandError("the prompt is empty: say what to draw")
-    if not (args.model / "model_index.json").is_file():
-        raise CommandError(f"--model {args.model}: not a converted VisCPM-Paint folder (no model_index.json)")
+    _paint_folder(args.model)
     import torch
 
     from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
@@ -491,10 +502,9 @@ def _add_serve_parser(subcommands) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from .serving.server import VisCPMService, make_server
 
-    model = args.model if args.model is not None else DEFAULT_CHAT_MODEL
-    _check_chat_folder(model)
-    if args.paint_model is not None and not (args.paint_model / "model_index.json").is_file():
-        raise CommandError(f"--paint-model {args.paint_model}: not a VisCPM-Paint folder (no model_index.json)")
+    model = _chat_folder(args.model)
+    if args.paint_model is not None:
+        _paint_folder(args.paint_model, "--paint-model")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     service = VisCPMService(model, args.paint_model, paint_steps=args.paint_steps)
     server = make_server(service, args.host, args.port)
@@ -524,14 +534,7 @@ def _add_demo_parser(subcommands) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     with _needs_extra("the demo", "demo"):
         from .serving.demo import chat_app, paint_app
-    if args.app == "chat":
-        model = args.model if args.model is not None else DEFAULT_CHAT_MODEL
-        _check_chat_folder(model)
-        app = chat_app(model)
-    else:
-        if args.model is None or not (args.model / "model_index.json").is_file():
-            raise CommandError("viscpm demo paint needs --model DIR, a folder written by `viscpm convert paint`")
-        app = paint_app(args.model)
+    app = chat_app(_chat_folder(args.model)) if args.app == "chat" else paint_app(_paint_folder(args.model))
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port)
     return 0
 
