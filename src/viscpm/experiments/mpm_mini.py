@@ -285,14 +285,27 @@ def run_stage(stage: str, model: Path, data: Path, kind: str, steps: int, config
 
 
 def evaluation_set(config: MiniConfig, scenes, questions, paths) -> dict[str, list[tuple[str, str, str]]]:
-    """`(image path, question, expected answer)` per language, on held-out images: easy-vqa's own English test
-    questions, and the same (image, kind, slots) asked with the Chinese evaluation phrasings."""
+    """`(image path, question, expected answer)` per language on held-out images, balanced: each question's kind is
+    drawn uniformly, and a yes / no question names the image's own colour or shape half of the time. (easy-vqa's
+    own non-negated questions are 48% "no" and 11% "yes": always answering "no" would score 48%.) The English
+    question uses one of easy-vqa's templates, the Chinese one (same image, kind and slots) an evaluation phrasing."""
     rng = random.Random(config.seed + 1)
-    chosen = rng.sample(questions, min(config.eval_questions, len(questions)))
+    image_ids = sorted({image_id for image_id, *_ in questions})
     sets = {"en": [], "zh": []}
-    for image_id, kind, slots, question in chosen:
-        answer = g.answer_for(kind, scenes[image_id], slots)
-        sets["en"].append((paths[image_id], question, answer))
+    for _ in range(config.eval_questions):
+        image_id = rng.choice(image_ids)
+        scene, kind = scenes[image_id], rng.choice(list(g.EN_TEMPLATES))
+        slots = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
+        if kind.startswith("has_"):
+            slot = kind.removeprefix("has_")
+            others = [value for value in (g.COLOURS if slot == "colour" else g.SHAPES) if value != scene[slot]]
+            slots[slot] = scene[slot] if rng.random() < 0.5 else rng.choice(others)
+        elif kind == "shape":
+            slots["colour"] = scene["colour"]  # "what is the <colour> shape?" names the shape's own colour
+        else:
+            slots["shape"] = scene["shape"]
+        answer = g.answer_for(kind, scene, slots)
+        sets["en"].append((paths[image_id], g.fill(rng.choice(g.EN_TEMPLATES[kind]), "en", **slots), answer))
         zh_question = g.fill(rng.choice(g.ZH_EVAL_TEMPLATES[kind]), "zh", **slots)
         sets["zh"].append((paths[image_id], zh_question, g.ZH[answer]))
     return sets
