@@ -17,15 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from chat_speed import SIZES, VISION, VOCAB_SIZE  # the benchmark model sizes, defined once
 
 MB = 1e6
-SIZES = {
-    "small": dict(dim_model=512, num_heads=8, dim_head=64, dim_ff=1280, num_layers=6),
-    "mid": dict(dim_model=1024, num_heads=16, dim_head=64, dim_ff=2560, num_layers=12),
-}
-VISION = dict(
-    hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_hidden_layers=2, image_size=224, patch_size=16
-)
 
 
 def build(size: str):
@@ -35,7 +29,7 @@ def build(size: str):
     from viscpm.modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 
     config = VisCPMChatConfig(
-        vision_config=Beit3VisionConfig(**VISION), text_config=CpmBeeConfig(vocab_size=86583, **SIZES[size])
+        vision_config=Beit3VisionConfig(**VISION), text_config=CpmBeeConfig(vocab_size=VOCAB_SIZE, **SIZES[size])
     )
     torch.manual_seed(0)
     return VisCPMChatForConditionalGeneration(config).eval()
@@ -128,7 +122,7 @@ def main() -> None:
     dims = SIZES[args.size]
     print(
         f"VisCPM-Chat {args.size}: CPM-Bee width {dims['dim_model']}, {dims['num_heads']} heads x {dims['dim_head']}, "
-        f"FFN {dims['dim_ff']}, {dims['num_layers']} layers, vocab 86583; BEiT-3 width {VISION['hidden_size']}, "
+        f"FFN {dims['dim_ff']}, {dims['num_layers']} layers, vocab {VOCAB_SIZE}; BEiT-3 width {VISION['hidden_size']}, "
         f"{VISION['num_hidden_layers']} layers, {VISION['image_size']} px; {parameters / 1e6:.1f} M parameters "
         f"(tied embedding counted once); torch {torch.__version__}, transformers {transformers.__version__}"
     )
