@@ -8,20 +8,20 @@ time on it.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
+
+from .server import StreamedCall
 
 
 def chat_app(model_dir: Path):
     import gradio as gr
     import torch
-    from transformers import AutoModel, AutoProcessor, TextIteratorStreamer
+    from transformers import AutoModel, AutoProcessor
 
     import viscpm  # noqa: F401  (registers the Auto classes)
 
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    eos = processor.tokenizer.eos_token
 
     def respond(image, question, history, state):
         """Streams the answer into the chat; `state` keeps the context and the image's features across turns."""
@@ -34,28 +34,17 @@ def chat_app(model_dir: Path):
             state = {"image": image, "context": "", "vision": None}
             history = []
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, timeout=600)
-        outcome = {}
-
-        def generate():
-            try:
-                outcome["result"] = model.chat(
-                    None if state["vision"] is not None else image, question, processor, context=state["context"],
-                    vision_hidden_states=state["vision"], num_beams=1, streamer=streamer,
-                )  # fmt: skip
-            except Exception as error:  # noqa: BLE001  (shown to the user below)
-                outcome["error"] = error
-                streamer.end()
-
-        worker = threading.Thread(target=generate, daemon=True)
-        worker.start()
-        for piece in streamer:
-            history[-1]["content"] += piece.replace(eos, "")
-            yield "", history, state
-        worker.join()
-        if "error" in outcome:
-            raise gr.Error(str(outcome["error"]))
-        answer, state["context"], state["vision"] = outcome["result"]
+        call = StreamedCall(processor.tokenizer, lambda streamer: model.chat(
+            None if state["vision"] is not None else image, question, processor, context=state["context"],
+            vision_hidden_states=state["vision"], num_beams=1, streamer=streamer,
+        ))  # fmt: skip
+        try:
+            for text in call:
+                history[-1]["content"] += text
+                yield "", history, state
+        except Exception as error:  # noqa: BLE001  (shown to the user)
+            raise gr.Error(str(error)) from error
+        answer, state["context"], state["vision"] = call.result
         history[-1]["content"] = answer
         yield "", history, state
 

@@ -46,6 +46,37 @@ class RequestError(Exception):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
+class StreamedCall:
+    """`call(streamer)` in a worker thread, fed to a `TextIteratorStreamer`: iterate for the text pieces as they are
+    generated (`</s>` left out), then read `result`. An exception `call` raises ends the stream and is raised by the
+    iteration (before any piece, when it happens before generation starts)."""
+
+    def __init__(self, tokenizer, call):
+        from transformers import TextIteratorStreamer
+
+        self.eos_token = tokenizer.eos_token
+        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=600)
+        self.result = self.error = None
+        self.worker = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self.worker.start()
+
+    def _run(self, call) -> None:
+        try:
+            self.result = call(self.streamer)
+        except Exception as error:  # noqa: BLE001  (raised by the iteration, in the caller's thread)
+            self.error = error
+            self.streamer.end()
+
+    def __iter__(self):
+        for piece in self.streamer:
+            text = piece.replace(self.eos_token, "")
+            if text:
+                yield text
+        self.worker.join()
+        if self.error is not None:
+            raise self.error
+
+
 @dataclass
 class Limits:
     max_request_bytes: int = 20 * 2**20
@@ -339,26 +370,11 @@ def make_handler(service: VisCPMService):
 
         def stream_chat(self, request: dict) -> None:
             """Server-sent events: the answer as it is generated, through the model's streamer."""
-            from transformers import TextIteratorStreamer
-
             if request.get("n", 1) != 1:
                 raise RequestError("stream supports n = 1 only", param="n")
-            tokenizer = service.processor.tokenizer
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=600)
-            outcome: dict = {}
-
-            def generate():
-                try:
-                    outcome["choices"] = service.chat(request, streamer=streamer)[0]
-                except Exception as error:  # noqa: BLE001  (reported to the client below)
-                    outcome["error"] = error
-                    streamer.end()
-
-            worker = threading.Thread(target=generate, daemon=True)
-            worker.start()
-            first = next(iter(streamer), None)  # waits for the first piece, or for the error
-            if "error" in outcome:
-                raise outcome["error"]
+            call = StreamedCall(service.processor.tokenizer, lambda streamer: service.chat(request, streamer=streamer))
+            pieces = iter(call)
+            first = next(pieces, None)  # waits for the first piece; a request error is raised here, before any header
             identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
@@ -375,13 +391,15 @@ def make_handler(service: VisCPMService):
                 self.wfile.flush()
 
             event({"role": "assistant", "content": ""})
-            pieces = [] if first is None else [first]
-            for piece in [*pieces, *streamer]:
-                text = piece.replace(tokenizer.eos_token, "")
-                if text:
+            reason = "stop"
+            try:
+                for text in [] if first is None else [first]:
                     event({"content": text})
-            worker.join()
-            reason = outcome["choices"][0][1] if "choices" in outcome else "stop"
+                for text in pieces:
+                    event({"content": text})
+                reason = call.result[0][0][1]
+            except Exception:  # noqa: BLE001  (the headers are sent: the stream ends as it is)
+                logger.exception("generation failed while streaming")
             event({}, finish_reason=reason)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
