@@ -1,5 +1,6 @@
 """mpm-mini: the experiment's pipeline in a few steps, its glossary, and the shipped default model."""
 
+import dataclasses
 import json
 import random
 
@@ -32,11 +33,11 @@ def test_every_english_question_kind_is_parsed_and_answered():
 
 def test_chinese_evaluation_phrasings_never_appear_in_stage_data(tmp_path):
     scenes, questions, paths = mpm_mini.load_world("train")
-    config = mpm_mini.replace(mpm_mini.QUICK, train_images=200, translated_share=0.5)
+    config = dataclasses.replace(mpm_mini.QUICK, train_images=200, translated_share=0.5)
     mpm_mini.write_stage_data(tmp_path, config, "native", scenes, questions, paths)
     asked = {turn["value"] for record in json.loads((tmp_path / "vqa.json").read_text()) for turn in
              record["conversations"] if turn["from"] == "human"}  # fmt: skip
-    evaluation = mpm_mini.evaluation_set(mpm_mini.replace(config, eval_questions=300), *mpm_mini.load_world("test"))
+    evaluation = mpm_mini.evaluation_set(dataclasses.replace(config, eval_questions=300), *mpm_mini.load_world("test"))
     assert evaluation["zh"] and not {question for _, question, _ in evaluation["zh"]} & asked
     assert any("？" in question for question in asked)  # the native system's Chinese questions are there
 
@@ -70,7 +71,7 @@ def test_shipped_default_answers_held_out_questions_in_both_languages():
     """The default `viscpm chat` model on 120 balanced held-out questions per language (English, and Chinese in
     phrasings its training never saw): it scored about 77% / 74% there; the English-only pivot scores about 35% in
     Chinese, always answering "no" 25%."""
-    config = mpm_mini.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7)
+    config = dataclasses.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7)
     evaluation = mpm_mini.evaluation_set(config, *mpm_mini.load_world("test"))
     with torch.no_grad():
         scores = {

@@ -14,6 +14,7 @@ in a traceback.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -468,7 +469,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     with _needs_extra("the experiment", "train"):
         from .experiments import mpm_mini
     _log_training()
-    config = mpm_mini.replace(mpm_mini.QUICK if args.quick else mpm_mini.MiniConfig(), seed=args.seed)
+    config = dataclasses.replace(mpm_mini.QUICK if args.quick else mpm_mini.MiniConfig(), seed=args.seed)
     with _needs_extra("the experiment", "experiment"):
         results = mpm_mini.run(args.output, config)
     print(mpm_mini.report_table(results))

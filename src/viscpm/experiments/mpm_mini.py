@@ -27,12 +27,13 @@ import re
 import shutil
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..modeling.structured_cpmbee import CpmBeeTrainingCollator
+from ..training.data import CHINESE_CHARACTER
 from . import glossary as g
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>")
@@ -255,9 +256,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
             conversations.append({"image": paths[image_id], "conversations": [
                 {"from": "human", "value": asked}, {"from": "gpt", "value": answered}]})  # fmt: skip
     (folder / "vqa.json").write_text(json.dumps(conversations, ensure_ascii=False), "utf-8")
-    share = Counter(
-        "zh" if re.search("[\u4e00-\u9fff]", c["conversations"][0]["value"]) else "en" for c in conversations
-    )
+    share = Counter("zh" if CHINESE_CHARACTER.search(c["conversations"][0]["value"]) else "en" for c in conversations)
     return {"captions": len(captions), "conversations": dict(share)}
 
 
@@ -426,4 +425,4 @@ def install_default(results: dict, system: str, destination: Path) -> Path:
     return destination
 
 
-__all__ = ["QUICK", "MiniConfig", "run", "report_table", "plot", "install_default", "replace"]
+__all__ = ["QUICK", "MiniConfig", "run", "report_table", "plot", "install_default"]
