@@ -204,13 +204,16 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             raise TypeError(f"VisCPMPaintPipeline.from_pretrained got unexpected arguments {sorted(kwargs)}")
         return cls(**components)
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """diffusers' `save_pretrained`, plus the model files, so that the folder also loads without viscpm:
+    def save_pretrained(self, save_directory, remote_code: bool = True, **kwargs):
+        """diffusers' `save_pretrained`, plus (unless `remote_code=False`: a folder only viscpm loads, such as the
+        package's shipped default) the model files, so that the folder also loads without viscpm:
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`."""
         if kwargs.get("push_to_hub"):
             # diffusers would upload before the code is added
             raise ValueError("save first, then upload the folder (`huggingface_hub.upload_folder`)")
         super().save_pretrained(save_directory, **kwargs)
+        if not remote_code:
+            return
         folder = Path(save_directory)
         code = Path(__file__).resolve().parent
         for filename in PIPELINE_FILES:
