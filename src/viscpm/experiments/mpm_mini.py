@@ -71,6 +71,7 @@ class MiniConfig:
     systems: tuple = SYSTEMS
 
 
+CONFIG = MiniConfig()
 QUICK = MiniConfig(
     train_images=24, eval_questions=8, pivot_samples=64, pivot_steps=3, stage1_steps=2, stage2_steps=2, batch_size=4,
     text=dict(dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=1),
@@ -127,6 +128,13 @@ def vocabulary(extra_texts: list[str]) -> list[str]:
         words.update(re.findall(r"[A-Za-z’']+", text))
     characters -= {" ", "\n", "<", ">"}
     return [*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS)), *sorted(characters - words)]
+
+
+def write_vocabulary(path: Path) -> Path:
+    """The experiments' vocabulary file: `vocabulary` over every easy-vqa question (both splits)."""
+    questions = [question for split in ("train", "test") for *_, question in load_world(split)[1]]
+    path.write_text("\n".join(vocabulary(questions)) + "\n", "utf-8")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------- the pivot
@@ -260,20 +268,25 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
     return {"captions": len(captions), "conversations": dict(share)}
 
 
-def run_stage(stage: str, model: Path, data: Path, kind: str, steps: int, config: MiniConfig, output: Path) -> dict:
+def run_stage(
+    stage: str, model: Path, data: Path, kind: str, steps: int, config, output: Path, max_length: int = 96, **sections
+) -> dict:
+    """`viscpm train STAGE` in-process on one data file, with the experiment's seed, batch size and learning rate
+    (`config`'s) and a cosine schedule; `sections` are further config sections (Paint's `paint`)."""
     from ..training.run import load_config, train
 
     entries = {
         "model": str(model),
         "output_dir": str(output),
         "seed": config.seed,
-        "data": {"sources": [{"path": str(data), "kind": kind}], "max_length": 96},
+        "data": {"sources": [{"path": str(data), "kind": kind}], "max_length": max_length},
         "training": {
             "max_steps": steps, "per_device_train_batch_size": config.batch_size,
             "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine",
             "warmup_steps": min(100, steps // 10), "logging_steps": max(1, steps // 20), "save_strategy": "no",
             "dataloader_pin_memory": False,
         },
+        **sections,
     }  # fmt: skip
     overrides = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in entries.items()]
     summary, _ = train(stage, load_config(stage, None, overrides))
@@ -341,9 +354,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     train_scenes, train_questions, train_paths = load_world("train")
     test_scenes, test_questions, test_paths = load_world("test")
-    vocab_file = output / "vocab.txt"
-    vocab_file.write_text("\n".join(vocabulary([q for *_, q in train_questions + test_questions])) + "\n", "utf-8")
-    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab_file))
+    tokenizer = CpmBeeTokenizer(vocab_file=str(write_vocabulary(output / "vocab.txt")))
     evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
     results = {"config": asdict(config), "vocab_size": tokenizer.vocab_size, "systems": {}}
     results["split"] = {"train_images": config.train_images or len(train_scenes), "test_images": len(test_scenes),
@@ -385,27 +396,33 @@ def report_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def bar_plot(values: dict[str, dict[str, float]], title: str, legend: str, path: Path) -> None:
+    """Accuracy (0..1) per system (x) and language (bars), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = list(results["systems"])
+    systems = list(values)
     figure, axis = plt.subplots(figsize=(6, 3.2))
     width = 0.38
     for offset, language in ((-width / 2, "en"), (width / 2, "zh")):
-        values = [100 * results["systems"][s]["accuracy"][language] for s in systems]
-        bars = axis.bar([i + offset for i in range(len(systems))], values, width, label=language)
+        bars = axis.bar([i + offset for i in range(len(systems))], [100 * values[s][language] for s in systems],
+                        width, label=language)  # fmt: skip
         axis.bar_label(bars, fmt="%.0f", fontsize=8)
     axis.set_xticks(range(len(systems)), systems)
-    axis.set_ylabel("exact-match accuracy (%)")
+    axis.set_ylabel("accuracy (%)")
     axis.set_ylim(0, 105)
-    axis.legend(title="question language", fontsize=8)
-    axis.set_title("mpm-mini: easy-vqa, held-out images")
+    axis.legend(title=legend, fontsize=8)
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot(results: dict, path: Path) -> None:
+    accuracy = {system: entry["accuracy"] for system, entry in results["systems"].items()}
+    bar_plot(accuracy, "mpm-mini: easy-vqa, held-out images (exact match)", "question language", path)
 
 
 def install_default(results: dict, system: str, destination: Path) -> Path:
@@ -425,4 +442,4 @@ def install_default(results: dict, system: str, destination: Path) -> Path:
     return destination
 
 
-__all__ = ["QUICK", "MiniConfig", "run", "report_table", "plot", "install_default"]
+__all__ = ["CONFIG", "QUICK", "MiniConfig", "run", "report_table", "plot", "install_default"]
