@@ -1,7 +1,7 @@
 """`viscpm demo`: the gradio apps driven in headless Chromium (Debian's `chromium`, which `.ci/run` installs).
 
-Chat runs on the shipped toy model (the default): upload an image, ask, see the answer, ask a follow-up about the
-same image. Paint runs on a tiny random pipeline: enter a prompt, see an image in the gallery.
+Both run on the shipped toy models (the defaults). Chat: upload an image, ask, see the answer, ask a follow-up about
+the same image. Paint: enter a Chinese prompt, see the drawn image in the gallery.
 """
 
 import os
@@ -11,9 +11,8 @@ import socket
 import pytest
 
 from conftest import REPO_ROOT
-from tiny_models import tiny_pipeline
-from viscpm.cli import DEFAULT_CHAT_MODEL
-from viscpm.experiments.glossary import ZH
+from viscpm.cli import DEFAULT_CHAT_MODEL, DEFAULT_PAINT_MODEL
+from viscpm.experiments.glossary import ZH, describe
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # tests run offline
 playwright = pytest.importorskip("playwright.sync_api", reason="the dev extra (playwright) is not installed")
@@ -70,17 +69,16 @@ def test_chat_demo_answers_and_follows_up_in_the_browser(browser):
         app.close()
 
 
-def test_paint_demo_shows_an_image_in_the_browser(browser, tmp_path):
+def test_paint_demo_shows_an_image_in_the_browser(browser):
     from viscpm.serving.demo import paint_app
 
-    tiny_pipeline(tmp_path).save_pretrained(tmp_path / "paint")
-    app = paint_app(tmp_path / "paint")
+    app = paint_app(DEFAULT_PAINT_MODEL)
     try:
         page = browser.new_page()
         page.goto(launched(app), timeout=TIMEOUT_MS)
-        page.locator("#prompt textarea").fill("a red cat")
+        page.locator("#prompt textarea").fill(describe("zh", "red", "circle"))
         steps = page.locator("#steps input[type=number]")
-        steps.fill("2")
+        steps.fill("10")
         steps.press("Enter")
         page.locator("#generate").click()
         playwright.expect(page.locator("#gallery img").first).to_be_visible(timeout=TIMEOUT_MS)

@@ -4,6 +4,9 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -11,7 +14,9 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from conftest import REPO_ROOT
 from tiny_models import tiny_chat, tiny_image, tiny_pipeline
+from viscpm.experiments.glossary import ZH
 from viscpm.serving.server import Limits, VisCPMService, make_server
 
 openai = pytest.importorskip("openai")
@@ -161,3 +166,24 @@ def test_concurrent_requests_queue_for_the_model(server, client, monkeypatch):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(ask, range(6)))
     assert most[0] == 1 and len(set(answers)) == 1
+
+
+def test_serve_command_answers_chat_and_images_on_the_shipped_defaults():
+    """`viscpm serve` with no model given: the toy Chat and Paint models, for the openai client."""
+    command = [sys.executable, "-m", "viscpm", "serve", "--port", "0", "--paint-steps", "10"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        banner = process.stdout.readline()  # "serving NAME, NAME on http://HOST:PORT/v1"
+        assert banner.startswith("serving "), f"the server did not start: {banner!r}"
+        client = openai.OpenAI(base_url=banner.split()[-1], api_key="unused", max_retries=0)
+        assert {model.id for model in client.models.list()} == {"viscpm-chat-mini", "viscpm-paint-mini"}
+        messages = question("图中是什么形状？", Image.open(REPO_ROOT / "examples" / "circle.png"))
+        answer = client.chat.completions.create(model="viscpm-chat-mini", messages=messages)
+        assert answer.choices[0].message.content == ZH["circle"]
+        stream = client.chat.completions.create(model="viscpm-chat-mini", messages=messages, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == ZH["circle"]
+        drawn = client.images.generate(model="viscpm-paint-mini", prompt="一个红色的圆形", response_format="b64_json")
+        assert Image.open(io.BytesIO(base64.b64decode(drawn.data[0].b64_json))).size == (32, 32)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -26,6 +26,7 @@ from . import __version__
 PROG = "viscpm"
 # the toy VisCPM-Chat `viscpm experiment mpm-mini --install-default` trains (docs/mpm-mini.md)
 DEFAULT_CHAT_MODEL = Path(__file__).resolve().parent / "defaults" / "viscpm-chat-mini"
+DEFAULT_PAINT_MODEL = Path(__file__).resolve().parent / "defaults" / "viscpm-paint-mini"
 # exit status of a usage or input error (argparse's own) and of an interrupt (128 + SIGINT)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -217,12 +218,7 @@ def _chat_folder(model_dir: Path | None) -> Path:
     from .modeling.configuration_viscpm_chat import VisCPMChatConfig
 
     if model_dir is None:
-        if not (DEFAULT_CHAT_MODEL / "config.json").is_file():
-            raise CommandError(
-                f"no --model given and the shipped default {DEFAULT_CHAT_MODEL} is missing: pass --model DIR (a "
-                "folder written by `viscpm convert chat`), or reinstall viscpm"
-            )
-        return DEFAULT_CHAT_MODEL
+        return _shipped_default(DEFAULT_CHAT_MODEL, "config.json", "--model", "chat")
 
     if not model_dir.exists():
         raise CommandError(f"--model {model_dir}: no such folder")
@@ -243,8 +239,21 @@ def _chat_folder(model_dir: Path | None) -> Path:
     return model_dir
 
 
+def _shipped_default(folder: Path, marker: str, flag: str, kind: str) -> Path:
+    """A toy model shipped in the package (docs/mpm-mini.md, docs/paint-mini.md), used when `flag` is not given."""
+    if not (folder / marker).is_file():
+        raise CommandError(
+            f"no {flag} given and the shipped default {folder} is missing: pass {flag} DIR (a folder written by "
+            f"`viscpm convert {kind}`), or reinstall viscpm"
+        )
+    return folder
+
+
 def _paint_folder(model_dir: Path | None, flag: str = "--model") -> Path:
-    if model_dir is None or not (model_dir / "model_index.json").is_file():
+    """The VisCPM-Paint pipeline folder to load: `flag`'s, or the shipped toy pipeline without it."""
+    if model_dir is None:
+        return _shipped_default(DEFAULT_PAINT_MODEL, "model_index.json", flag, "paint")
+    if not (model_dir / "model_index.json").is_file():
         raise CommandError(
             f"{flag} {model_dir}: not a converted VisCPM-Paint folder (no model_index.json); write one with "
             "`viscpm convert paint`"
@@ -315,7 +324,9 @@ def _add_paint_parser(subcommands) -> None:
         description="Draw an image from a Chinese or English prompt with a converted VisCPM-Paint folder (CPU, fp32).",
     )
     paint.add_argument("prompt", metavar="PROMPT", help="what to draw (CPM-Bee markup: write < as <<)")
-    paint.add_argument("--model", required=True, type=Path, metavar="DIR", help="converted VisCPM-Paint folder")
+    paint.add_argument(
+        "--model", type=Path, metavar="DIR", help="converted VisCPM-Paint folder (default: the shipped toy pipeline)"
+    )
     paint.add_argument("-o", "--output", required=True, type=Path, metavar="PNG", help="image file to write")
     paint.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     paint.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="denoising steps (default 50)")
@@ -330,7 +341,7 @@ def _add_paint_parser(subcommands) -> None:
 def _run_paint(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CommandError("the prompt is empty: say what to draw")
-    _paint_folder(args.model)
+    args.model = _paint_folder(args.model)
     import torch
 
     from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
@@ -449,35 +460,43 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
 def _add_experiment_parser(subcommands) -> None:
     experiment = subcommands.add_parser(
         "experiment",
-        help="reproduce the MpM claim at toy scale (mpm-mini)",
+        help="reproduce the MpM claim at toy scale (mpm-mini: Chat; paint-mini: Paint)",
         description="mpm-mini: a tiny CPM-Bee pivot, VisCPM-Chat trained on English image data only, evaluated in "
-        "English and zero-shot in Chinese, against two baselines (docs/mpm-mini.md).",
+        "English and zero-shot in Chinese, against two baselines (docs/mpm-mini.md). paint-mini: the same pivot as "
+        "VisCPM-Paint's text encoder, trained on English captions only, drawing from English and Chinese prompts "
+        "(docs/paint-mini.md).",
     )
-    experiment.add_argument("name", choices=("mpm-mini",))
-    experiment.add_argument("--output", type=Path, default=Path("runs/mpm-mini"), help="work and results folder")
+    experiment.add_argument("name", choices=("mpm-mini", "paint-mini"))
+    experiment.add_argument("--output", type=Path, help="work and results folder (default: runs/NAME)")
     experiment.add_argument("--seed", type=_int, default=0)
     experiment.add_argument("--quick", action="store_true", help="a few steps on tiny sizes: checks the pipeline")
     experiment.add_argument(
         "--install-default",
         action="store_true",
-        help="copy the trained mpm model into the package as the default of `viscpm chat`",
+        help="copy the trained mpm model into the package as the default of `viscpm chat` (mpm-mini) or of "
+        "`viscpm paint` (paint-mini)",
     )
     experiment.set_defaults(handler=_run_experiment)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
     with _needs_extra("the experiment", "train"):
-        from .experiments import mpm_mini
+        from .experiments import mpm_mini, paint_mini
     _log_training()
-    config = dataclasses.replace(mpm_mini.QUICK if args.quick else mpm_mini.MiniConfig(), seed=args.seed)
+    experiment, default_folder = {
+        "mpm-mini": (mpm_mini, DEFAULT_CHAT_MODEL),
+        "paint-mini": (paint_mini, DEFAULT_PAINT_MODEL),
+    }[args.name]
+    output = args.output or Path("runs") / args.name
+    config = dataclasses.replace(experiment.QUICK if args.quick else experiment.CONFIG, seed=args.seed)
     with _needs_extra("the experiment", "experiment"):
-        results = mpm_mini.run(args.output, config)
-    print(mpm_mini.report_table(results))
-    (args.output / "table.md").write_text(mpm_mini.report_table(results) + "\n", encoding="utf-8")
-    mpm_mini.plot(results, args.output / "accuracy.png")
-    print(f"results: {args.output / 'results.json'}, plot: {args.output / 'accuracy.png'} ({results['seconds']} s)")
+        results = experiment.run(output, config)
+    print(experiment.report_table(results))
+    (output / "table.md").write_text(experiment.report_table(results) + "\n", encoding="utf-8")
+    experiment.plot(results, output / "accuracy.png")
+    print(f"results: {output / 'results.json'}, plot: {output / 'accuracy.png'} ({results['seconds']} s)")
     if args.install_default:
-        print(f"installed: {mpm_mini.install_default(results, 'mpm', DEFAULT_CHAT_MODEL)}")
+        print(f"installed: {experiment.install_default(results, 'mpm', default_folder)}")
     return 0
 
 
@@ -493,7 +512,9 @@ def _add_serve_parser(subcommands) -> None:
         "model one at a time.",
     )
     serve.add_argument("--model", type=Path, metavar="DIR", help="VisCPM-Chat folder (default: the shipped toy model)")
-    serve.add_argument("--paint-model", type=Path, metavar="DIR", help="VisCPM-Paint folder (images endpoint)")
+    serve.add_argument(
+        "--paint-model", type=Path, metavar="DIR", help="VisCPM-Paint folder (default: the shipped toy pipeline)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
     serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
@@ -504,10 +525,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serving.server import VisCPMService, make_server
 
     model = _chat_folder(args.model)
-    if args.paint_model is not None:
-        _paint_folder(args.paint_model, "--paint-model")
+    paint_model = _paint_folder(args.paint_model, "--paint-model")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    service = VisCPMService(model, args.paint_model, paint_steps=args.paint_steps)
+    service = VisCPMService(model, paint_model, paint_steps=args.paint_steps)
     server = make_server(service, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)
@@ -526,7 +546,7 @@ def _add_demo_parser(subcommands) -> None:
         "(prompt, negative prompt, steps, seed, gallery).",
     )
     demo.add_argument("app", choices=("chat", "paint"))
-    demo.add_argument("--model", type=Path, metavar="DIR", help="model folder (chat: default the shipped toy model)")
+    demo.add_argument("--model", type=Path, metavar="DIR", help="model folder (default: the shipped toy model)")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--port", type=_int, default=7860, help="port (7860)")
     demo.set_defaults(handler=_run_demo)
