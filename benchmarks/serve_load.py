@@ -1,14 +1,17 @@
-"""Load test of `viscpm serve`: N chat requests over loopback from C concurrent clients, then it stops.
+"""Load test of `viscpm serve`: N chat or image requests over loopback from C concurrent clients, then it stops.
 
-    python benchmarks/serve_load.py                         # starts a server on the shipped toy model itself
+    python benchmarks/serve_load.py                         # starts a server on the shipped toy models itself
+    python benchmarks/serve_load.py --endpoint images       # POST /v1/images/generations instead
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --requests 200 --concurrency 8
 
-Prints latency percentiles, throughput, and how many answers were well-formed (status 200, an OpenAI chat
-completion object with one non-empty assistant message); exits with status 1 if any was not.
+Prints latency percentiles, throughput, and how many answers were well-formed (status 200; chat: an OpenAI chat
+completion object with one non-empty assistant message; images: one PNG as b64_json); exits with status 1 if any
+was not.
 """
 
 import argparse
 import base64
+import binascii
 import concurrent.futures
 import json
 import statistics
@@ -26,7 +29,7 @@ def image_data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def well_formed(status: int, body: dict) -> bool:
+def well_formed_chat(status: int, body: dict) -> bool:
     try:
         (choice,) = body["choices"]
         return (
@@ -40,9 +43,21 @@ def well_formed(status: int, body: dict) -> bool:
         return False
 
 
-def one_request(url: str, payload: bytes) -> tuple[float, bool]:
-    request = urllib.request.Request(url + "/v1/chat/completions", data=payload,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+def well_formed_images(status: int, body: dict) -> bool:
+    try:
+        (image,) = body["data"]
+        return status == 200 and base64.b64decode(image["b64_json"], validate=True).startswith(b"\x89PNG")
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        return False
+
+
+ENDPOINTS = {"chat": ("/v1/chat/completions", well_formed_chat), "images": ("/v1/images/generations",
+             well_formed_images)}  # fmt: skip
+
+
+def one_request(url: str, endpoint: str, payload: bytes) -> tuple[float, bool]:
+    path, well_formed = ENDPOINTS[endpoint]
+    request = urllib.request.Request(url + path, data=payload, headers={"Content-Type": "application/json"})
     begin = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
@@ -54,12 +69,12 @@ def one_request(url: str, payload: bytes) -> tuple[float, bool]:
     return time.perf_counter() - begin, well_formed(status, body)
 
 
-def start_local_server(model: Path | None):
+def start_local_server(model: Path | None, paint_model: Path | None, paint_steps: int):
     sys.path.insert(0, str(REPO / "src"))
-    from viscpm.cli import DEFAULT_CHAT_MODEL
+    from viscpm.cli import DEFAULT_CHAT_MODEL, DEFAULT_PAINT_MODEL
     from viscpm.serving.server import VisCPMService, make_server
 
-    service = VisCPMService(model or DEFAULT_CHAT_MODEL, None)
+    service = VisCPMService(model or DEFAULT_CHAT_MODEL, paint_model or DEFAULT_PAINT_MODEL, paint_steps=paint_steps)
     server = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
@@ -69,32 +84,42 @@ def start_local_server(model: Path | None):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start one in this process)")
+    parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat")
     parser.add_argument("--model", type=Path, help="VisCPM-Chat folder for the local server (default: shipped toy)")
+    parser.add_argument("--paint-model", type=Path, help="VisCPM-Paint folder for the local server (default: toy)")
+    parser.add_argument("--paint-steps", type=int, default=25, help="denoising steps of the local server")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--image", type=Path, default=REPO / "examples" / "circle.png")
     parser.add_argument("--question", default="图中是什么形状？")
+    parser.add_argument("--prompt", default="一个红色的圆形", help="the images endpoint's prompt")
     args = parser.parse_args()
 
-    server, url = (None, args.url.rstrip("/")) if args.url else start_local_server(args.model)
-    content = [
-        {"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
-        {"type": "text", "text": args.question},
-    ]
-    request = {"model": "viscpm-chat", "max_tokens": args.max_tokens, "temperature": 0,
-               "messages": [{"role": "user", "content": content}]}  # fmt: skip
-    payload = json.dumps(request).encode()
+    if args.url:
+        server, url = None, args.url.rstrip("/")
+    else:
+        server, url = start_local_server(args.model, args.paint_model, args.paint_steps)
+    if args.endpoint == "chat":
+        content = [
+            {"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
+            {"type": "text", "text": args.question},
+        ]
+        request = {"model": "viscpm-chat", "max_tokens": args.max_tokens, "temperature": 0,
+                   "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    else:
+        request = {"model": "viscpm-paint", "prompt": args.prompt, "n": 1, "response_format": "b64_json"}
+    payload = json.dumps(request, ensure_ascii=False).encode()
     began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        results = list(pool.map(lambda _: one_request(url, payload), range(args.requests)))
+        results = list(pool.map(lambda _: one_request(url, args.endpoint, payload), range(args.requests)))
     elapsed = time.perf_counter() - began
     if server is not None:
         server.shutdown()
     latencies = sorted(seconds for seconds, _ in results)
     good = sum(ok for _, ok in results)
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    print(f"{args.requests} requests, {args.concurrency} concurrent, {url}")
+    print(f"{args.requests} {args.endpoint} requests, {args.concurrency} concurrent, {url}")
     print("| requests | well-formed | p50 (s) | p90 (s) | p99 (s) | max (s) | requests/s |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.requests} | {good} | {quantiles[49]:.3f} | {quantiles[89]:.3f} | {quantiles[98]:.3f} | "
