@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..training.paint import vae_pixels
 from . import glossary as g
 from . import mpm_mini
 
@@ -89,18 +90,10 @@ QUICK = PaintMiniConfig(
 # ------------------------------------------------------------------------------------------------------- images
 
 
-def to_pixels(images, resolution: int) -> torch.Tensor:
-    """PIL images -> `(n, 3, resolution, resolution)` in [-1, 1], as Paint training's collator prepares them (so
-    the VAE, the classifier and the evaluation see real and drawn images the same way)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    processor = VaeImageProcessor(do_resize=True, do_normalize=True)
-    return processor.preprocess(images, height=resolution, width=resolution, resize_mode="crop")
-
-
 def labelled_images(split: str, resolution: int, limit: int | None = None, seed: int = 0):
-    """easy-vqa's images of `split` whose scene is known: `(image ids, pixels, scene labels)`; a scene's label is
-    its index in `SCENES`."""
+    """easy-vqa's images of `split` whose scene is known: `(image ids, pixels, scene labels, scenes, paths)`; a
+    scene's label is its index in `SCENES`. Pixels are prepared as Paint training prepares them (`vae_pixels`), as
+    are the drawn images the classifier judges."""
     from PIL import Image
 
     scenes, _, paths = mpm_mini.load_world(split)
@@ -109,7 +102,7 @@ def labelled_images(split: str, resolution: int, limit: int | None = None, seed:
         image_ids = random.Random(seed).sample(image_ids, min(limit, len(image_ids)))
     images = [Image.open(paths[image_id]).convert("RGB") for image_id in image_ids]
     labels = torch.tensor([SCENES.index((scenes[i]["colour"], scenes[i]["shape"])) for i in image_ids])
-    return image_ids, to_pixels(images, resolution), labels, scenes, paths
+    return image_ids, vae_pixels(images, resolution), labels, scenes, paths
 
 
 def batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -272,7 +265,7 @@ def evaluate(model_dir: Path, classifier, config: PaintMiniConfig) -> tuple[dict
     accuracy, drawn = {}, {}
     for language in mpm_mini.LANGUAGES:
         images, expected = draw(pipeline, language, config)
-        accuracy[language] = scores(classify(classifier, to_pixels(images, config.resolution)), expected)
+        accuracy[language] = scores(classify(classifier, vae_pixels(images, config.resolution)), expected)
         drawn[language] = images
     return accuracy, drawn
 

@@ -8,6 +8,7 @@ UNet (`paint.unfreeze`: the step at which each stage starts and the parts it tra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,19 @@ DEFAULT_UNFREEZE = (
     {"step": 1000, "train": ["bridge", "unet_cross_attention"]},
     {"step": 5000, "train": ["bridge", "unet"]},
 )
+
+
+@functools.cache
+def _vae_image_processor():
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(do_resize=True, do_normalize=True)
+
+
+def vae_pixels(images: Sequence, resolution: int) -> torch.Tensor:
+    """PIL images -> `(n, 3, resolution, resolution)` in [-1, 1], resized and centre-cropped: what the VAE encodes
+    in Paint training."""
+    return _vae_image_processor().preprocess(images, height=resolution, width=resolution, resize_mode="crop")
 
 
 class VisCPMPaintTrainingModel(nn.Module):
@@ -133,9 +147,6 @@ class PaintCollator:
     caption_dropout: float = 0.1
 
     def __post_init__(self):
-        from diffusers.image_processor import VaeImageProcessor
-
-        self.image_processor = VaeImageProcessor(do_resize=True, do_normalize=True)
         from ..modeling.pipeline_viscpm_paint import paint_prompt
         from .data import training_sample
 
@@ -148,7 +159,5 @@ class PaintCollator:
         samples = [self.empty_caption if drop else row for row, drop in zip(rows, dropped.tolist())]
         batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(samples)
         images = [open_image(row["image"]) for row in rows]
-        batch["pixel_values"] = self.image_processor.preprocess(
-            images, height=self.resolution, width=self.resolution, resize_mode="crop"
-        )
+        batch["pixel_values"] = vae_pixels(images, self.resolution)
         return {key: batch[key] for key in (*CPMBEE_INPUT_NAMES, "pixel_values") if key in batch}
