@@ -40,6 +40,7 @@ Ids at or above ``vocab_size`` index the row's ext table: they are replaced by t
 import copy
 import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,16 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
+from transformers import GenerationMixin, LogitsProcessor, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_cpmbee import CROSS_SAMPLE_BUCKET, CpmBeeConfig
+
+logger = logging.get_logger(__name__)
 
 RESIDUAL_SCALE = 1.05  # the original divides every residual sum by 1.05
 SUB_ID_DISTANCE_SCALE = 16  # rotation angle per sub-id step, in units of the rotary frequencies
@@ -370,7 +373,69 @@ class CpmBeeEncoder(nn.Module):
         self.output_layernorm = CpmBeeRMSNorm(config.dim_model, eps=config.eps)
 
 
-class CpmBeePreTrainedModel(PreTrainedModel):
+# bitsandbytes' CPU 4-bit kernel (`bitsandbytes.functional._convert_weight_packed_for_cpu`) packs a weight's output
+# rows in blocks of 32 and reshapes its scales per row of quantization blocks (64 inputs each, the blocksize of
+# transformers' 4-bit layers), failing at the first forward on any other shape
+BNB_CPU_4BIT_OUTPUT_BLOCK = 32
+BNB_4BIT_BLOCKSIZE = 64
+
+
+def loads_on_cpu(device_map) -> bool:
+    """Whether `from_pretrained(..., device_map=device_map)` puts (some of) the model on the CPU."""
+    if device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.accelerator.current_accelerator() is None
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(isinstance(place, (str, torch.device)) and str(place).split(":")[0] == "cpu" for place in places)
+
+
+class CpuFourBitLoadingMixin:
+    """`from_pretrained` with a 4-bit `BitsAndBytesConfig` onto the CPU keeps the linear layers that bitsandbytes' CPU
+    kernel cannot take (output size not a multiple of 32 or input size not a multiple of 64: tiny and custom models;
+    the released sizes all fit) unquantized and names them in one log line, instead of failing inside bitsandbytes
+    at the first forward."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        quantization = kwargs.get("quantization_config")
+        if getattr(quantization, "load_in_4bit", False) and loads_on_cpu(kwargs.get("device_map")):
+            kwargs["quantization_config"] = cls._without_cpu_4bit_misfits(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _without_cpu_4bit_misfits(cls, pretrained_model_name_or_path, kwargs):
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        quantization = copy.deepcopy(kwargs["quantization_config"])
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            hub_options = ("subfolder", "revision", "cache_dir", "token", "local_files_only")
+            config = cls.config_class.from_pretrained(
+                pretrained_model_name_or_path, **{key: kwargs[key] for key in hub_options if key in kwargs}
+            )
+        with torch.device("meta"):
+            model = cls(config)
+        skipped = quantization.llm_int8_skip_modules
+        skipped = list(get_keys_to_not_convert(model) if skipped is None else skipped)
+        misfits = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and (module.out_features % BNB_CPU_4BIT_OUTPUT_BLOCK or module.in_features % BNB_4BIT_BLOCKSIZE)
+            and should_convert_module(name, skipped)
+        ]
+        if misfits:
+            kinds = sorted({re.sub(r"\.\d+\.", ".*.", name) for name in misfits})
+            logger.warning(
+                f"4-bit on CPU: {len(misfits)} linear layers stay unquantized, since bitsandbytes' CPU 4-bit kernel "
+                f"needs output sizes that are multiples of {BNB_CPU_4BIT_OUTPUT_BLOCK} and input sizes that are "
+                f"multiples of {BNB_4BIT_BLOCKSIZE}: " + ", ".join(kinds)
+            )
+            quantization.llm_int8_skip_modules = skipped + misfits
+        return quantization
+
+
+class CpmBeePreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
     config_class = CpmBeeConfig
     config: CpmBeeConfig
     base_model_prefix = "model"
@@ -876,6 +941,50 @@ class CpmBeeGenerationMixin(GenerationMixin):
         for name in self._PROMPT_ONLY_INPUTS:
             model_kwargs.pop(name, None)
         model_kwargs["cache"] = cache
+
+    # Beam search: transformers' loop, with the original's two bookkeeping rules (`BeamHypotheses` and the candidate
+    # loop of `VLLMCPMBeeBeamSearch._decode`) in the two helpers that hold them. docs/cpmbee.md "Beam search".
+
+    def _update_finished_beams(self, *, next_token_hits_stopping_criteria, top_num_beam_mask, **kwargs):
+        """Finish hypotheses as the original does.
+
+        * **Which `</s>` candidates finish.** The original walks the `2 * num_beams` candidates best first, finishing
+          each `</s>` and keeping each other token as a running beam, until `num_beams` beams run: a `</s>` finishes
+          while fewer than `num_beams` unfinished candidates rank above it (transformers: only within the top
+          `num_beams` ranks).
+        * **When a sentence is done** (`early_stopping=False`): at the top of step `i` (0-based), once `num_beams`
+          hypotheses are finished, `worst finished score >= best candidate score of step i / i ** length_penalty`.
+          Then nothing more finishes. transformers' own test uses the best running score after the step and the
+          length after it, which stops later than the original on short answers.
+        """
+        finishing = next_token_hits_stopping_criteria
+        num_beams = kwargs["num_beams"]
+        unfinished_ranked_above = torch.cumsum(~finishing, dim=-1) - (~finishing).long()
+        finishing = finishing & (unfinished_ranked_above < num_beams)
+        if kwargs["early_stopping"] is False:
+            step = kwargs["cur_len"] - kwargs["decoder_prompt_len"]
+            is_sent_finished = kwargs["is_sent_finished"]
+            all_finished = is_sent_finished.all(dim=-1, keepdim=True)
+            if step > 0 and all_finished.any():
+                worst_finished = kwargs["beam_scores"].min(dim=-1, keepdim=True)[0]
+                best_candidate = kwargs["topk_log_probs"][:, :1] / step ** kwargs["length_penalty"]
+                done = all_finished & (worst_finished >= best_candidate)
+                # the flag is the loop's own state from step to step: clearing it stops the sentence for good
+                kwargs["is_early_stop_heuristic_unsatisfied"].logical_and_(~done)
+        return super()._update_finished_beams(
+            next_token_hits_stopping_criteria=finishing, top_num_beam_mask=torch.ones_like(top_num_beam_mask), **kwargs
+        )
+
+    @staticmethod
+    def _check_early_stop_heuristic(is_early_stop_heuristic_unsatisfied, *, early_stopping, **kwargs):
+        """With `early_stopping=False` a sentence stops only by the original's test, in `_update_finished_beams`."""
+        if early_stopping is False:
+            return is_early_stop_heuristic_unsatisfied
+        return GenerationMixin._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
+            early_stopping=early_stopping,
+            **kwargs,
+        )
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, answer_logits_processor=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)

@@ -19,7 +19,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_viscpm_chat import VisCPMChatConfig, route_attention
 from .modeling_beit3 import Beit3VisionModel
-from .modeling_cpmbee import CpmBeeForCausalLM, CpmBeeGenerationMixin
+from .modeling_cpmbee import CpmBeeForCausalLM, CpmBeeGenerationMixin, CpuFourBitLoadingMixin
 
 # The original's `VisCPMChat.chat` settings (beam search over at most max_length=512 + 2 tokens, see
 # docs/cpmbee.md "Decoding like the original").
@@ -29,7 +29,7 @@ CHAT_GENERATION_DEFAULTS = dict(
     cpmbee_temperature=0.7,
     repetition_penalty=1.1,
     length_penalty=3.0,
-    early_stopping="never",
+    early_stopping=False,  # the original's stopping test (CpmBeeGenerationMixin._update_finished_beams)
     max_new_tokens=514,
 )
 
@@ -65,7 +65,7 @@ def place_image_features(
     return inputs_embeds.scatter(1, index, image_features.to(inputs_embeds.dtype))
 
 
-class VisCPMChatPreTrainedModel(PreTrainedModel):
+class VisCPMChatPreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
     config_class = VisCPMChatConfig
     config: VisCPMChatConfig
     base_model_prefix = ""

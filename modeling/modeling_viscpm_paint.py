@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_viscpm_paint import VisCPMPaintConfig, VisCPMPaintTextEncoderConfig
-from .modeling_cpmbee import CpmBeeModel
+from .modeling_cpmbee import CpmBeeModel, CpuFourBitLoadingMixin
 
 # The per-token structure CPM-Bee reads (see `CpmBeeModel.forward`); a collated batch holds more (labels, length).
 CPMBEE_INPUT_NAMES = (
@@ -86,7 +86,7 @@ class VisCPMPaintOutput(ModelOutput):
     encoder_hidden_states: torch.FloatTensor | None = None
 
 
-class VisCPMPaintPreTrainedModel(PreTrainedModel):
+class VisCPMPaintPreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
     """Holds what the text encoder and the whole model share: CPM-Bee (`llm`), the bridge (`trans_block`) and
     [`~VisCPMPaintPreTrainedModel.encode_prompt`]."""
 

@@ -359,6 +359,61 @@ def test_beam_search_with_the_in_place_cache_equals_a_plain_dynamic_cache():
     torch.testing.assert_close(in_place.sequences_scores, plain.sequences_scores)
 
 
+def finish_step(model, topk_log_probs, finishing, *, step, beam_scores=None, length_penalty=1.0):
+    """One call of beam search's bookkeeping as transformers' loop makes it: one sentence, two beams, four
+    candidates (best first), `finishing` marking the candidates that end with `</s>`; the prompt is 3 tokens."""
+    num_beams, prompt_length, max_length = 2, 3, 12
+    candidates = len(finishing)
+    finished = beam_scores is not None
+    unsatisfied = torch.ones(1, 1, dtype=torch.bool)
+    sequences, beam_scores, _, is_sent_finished = model._update_finished_beams(
+        sequences=torch.zeros(1, num_beams, max_length, dtype=torch.long),
+        topk_running_sequences=torch.arange(candidates)[None, :, None].expand(1, candidates, max_length).clone(),
+        beam_scores=torch.tensor([beam_scores if finished else [-1e9] * num_beams]),
+        topk_log_probs=torch.tensor([topk_log_probs]),
+        beam_indices=torch.full((1, num_beams, max_length - prompt_length), -1),
+        topk_running_beam_indices=torch.full((1, candidates, max_length - prompt_length), -1),
+        is_early_stop_heuristic_unsatisfied=unsatisfied,
+        is_sent_finished=torch.full((1, num_beams), finished),
+        next_token_hits_stopping_criteria=torch.tensor([finishing]),
+        top_num_beam_mask=torch.arange(candidates) < num_beams,
+        num_beams=num_beams,
+        cur_len=prompt_length + step,
+        decoder_prompt_len=prompt_length,
+        length_penalty=length_penalty,
+        early_stopping=False,
+    )
+    return sequences[0, :, 0].tolist(), beam_scores[0].tolist(), is_sent_finished[0].tolist(), bool(unsatisfied)
+
+
+def test_beam_search_finishes_an_end_token_below_the_top_beams_as_the_original():
+    """The original walks the candidates best first until `num_beams` unfinished ones run: a `</s>` at rank 2 with one
+    unfinished candidate above it finishes (transformers alone finishes only within the top `num_beams` ranks)."""
+    model = tiny_model()
+    candidates, _, finished, _ = finish_step(model, [-1.0, -2.0, -3.0, -4.0], [True, False, True, False], step=1)
+    assert candidates == [0, 2] and finished == [True, True]
+    # two unfinished candidates above it fill the beams first: it does not finish
+    candidates, _, finished, _ = finish_step(model, [-1.0, -2.0, -3.0, -4.0], [False, False, True, False], step=1)
+    assert finished == [False, False]
+
+
+def test_beam_search_stops_a_sentence_by_the_original_test():
+    """Once `num_beams` hypotheses are finished, the original stops at step i (0-based) when the worst of them is
+    at least the step's best candidate score / i ** length_penalty; then nothing more finishes."""
+    model = tiny_model()
+    finished_scores = [-0.5, -0.9]
+    # step 2: best candidate -2.0 / 2 = -1.0 <= -0.9: done, and its </s>, better than the worst (-2.0 / 3 > -0.9),
+    # is not taken
+    _, scores, _, unsatisfied = finish_step(model, [-2.0, -4.0, -5.0, -6.0], [True, False, False, False], step=2,
+                                            beam_scores=finished_scores)  # fmt: skip
+    assert not unsatisfied and scores == pytest.approx(finished_scores)
+    # step 2, best candidate -1.6 / 2 = -0.8 > -0.9: not done, and the better </s> (-1.6 / 3) replaces the worst
+    _, scores, _, unsatisfied = finish_step(model, [-1.6, -4.0, -5.0, -6.0], [True, False, False, False], step=2,
+                                            beam_scores=finished_scores)  # fmt: skip
+    assert unsatisfied
+    assert scores == pytest.approx([-0.5, -1.6 / 3])
+
+
 def test_beam_cache_layer_follows_dynamic_layer_through_every_operation():
     generator = torch.Generator().manual_seed(0)
     ours, reference = CpmBeeBeamCacheLayer(), DynamicLayer()

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig
 
 from viscpm import CpmBeeConfig
-from viscpm.modeling.modeling_cpmbee import CpmBeeFeedForward
+from viscpm.modeling.modeling_cpmbee import BNB_4BIT_BLOCKSIZE, BNB_CPU_4BIT_OUTPUT_BLOCK, CpmBeeFeedForward
 
 bnb = pytest.importorskip("bitsandbytes")  # the `quant` extra; CI installs it
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -21,12 +21,20 @@ def converted(converted_golden_chat):
 
 
 @pytest.fixture(scope="module")
-def prompt(converted, golden_dir):
+def image(golden_dir):
+    return Image.open(sorted((golden_dir / "chat" / "images").iterdir())[0])
+
+
+@pytest.fixture(scope="module")
+def prompt(converted, image):
     processor = AutoProcessor.from_pretrained(converted)
-    image = Image.open(sorted((golden_dir / "chat" / "images").iterdir())[0])
     inputs = processor(images=[image], text=["What is in the image?"])
     inputs.pop("ext_tables")
     return inputs
+
+
+def fits_cpu_4bit(linear: torch.nn.Linear) -> bool:
+    return linear.out_features % BNB_CPU_4BIT_OUTPUT_BLOCK == 0 and linear.in_features % BNB_4BIT_BLOCKSIZE == 0
 
 
 def last_logits(model, inputs) -> torch.Tensor:
@@ -58,13 +66,14 @@ def test_quantized_chat_stays_close_to_full_precision(
     projections, so the quantized model computes the same function; a scale inside a projection's forward would be
     lost in the swap and put the logits off by orders of magnitude, far below this cosine."""
     model = AutoModel.from_pretrained(converted, quantization_config=quantization, dtype=torch.float32).eval()
-    quantized = {type(module).__name__ for module in model.modules()}
-    assert {"Linear8bitLt", "Linear4bit"} & quantized
     # the tied LM head and the embedding stay in full precision
     assert type(model.llm.lm_head) is torch.nn.Linear
     assert model.llm.lm_head.weight.data_ptr() == model.llm.model.input_embedding.weight.data_ptr()
-    projection = model.llm.model.encoder.layers[0].self_att.self_attention.project_q
-    assert type(projection).__name__ in {"Linear8bitLt", "Linear4bit"}
+    # every other projection is quantized, except (4-bit on CPU) those whose shape the CPU kernel cannot take
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "llm.lm_head":
+            fits = quantization.load_in_8bit or fits_cpu_4bit(module)
+            assert (type(module).__name__ in {"Linear8bitLt", "Linear4bit"}) == fits, name
 
     # saved BEFORE any forward: on CPU, bitsandbytes 0.50 repacks 4-bit weights at the first forward and a model
     # saved after that reloads wrong (measured: logits off by 3; docs/quantization.md)
@@ -76,6 +85,19 @@ def test_quantized_chat_stays_close_to_full_precision(
 
     reloaded = AutoModel.from_pretrained(tmp_path / name).eval()
     torch.testing.assert_close(last_logits(reloaded, prompt), logits)
+
+
+@pytest.mark.golden
+def test_nf4_chat_on_cpu(converted, image):
+    """Whatever the fixture's layer sizes, a 4-bit model chats on CPU with the original's decoding."""
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModel.from_pretrained(converted, quantization_config=nf4).eval()
+    processor = AutoProcessor.from_pretrained(converted)
+    answer, context, _, token_ids = model.chat(
+        image, "What is in the image?", processor, max_new_tokens=6, return_token_ids=True
+    )
+    assert 1 <= len(token_ids) <= 6 and isinstance(answer, str)
+    assert context.endswith(f"AI: {answer}\n")
 
 
 @pytest.mark.golden
@@ -104,3 +126,36 @@ def test_feed_forward_output_stays_inside_fp16_range():
     torch.testing.assert_close(output.float(), torch.full_like(output.float(), unscaled_sum / math.sqrt(4096)))
     with torch.no_grad():
         assert not torch.isfinite(half.w_out(inner.half()) / half.input_scale).all()
+
+
+def test_nf4_on_cpu_keeps_only_the_layers_the_kernel_cannot_take_unquantized(tmp_path, caplog):
+    """CPM-Bee 64 wide (attention fits bitsandbytes' CPU 4-bit kernel) with a 72-wide feed-forward (it does not):
+    the feed-forward stays unquantized and is named in one log line, the attention is 4-bit, and the model runs,
+    generates, saves and reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from viscpm import CpmBeeForCausalLM
+
+    torch.manual_seed(0)
+    config = CpmBeeConfig(vocab_size=40, dim_model=64, num_heads=2, dim_head=32, dim_ff=72, num_layers=2)
+    CpmBeeForCausalLM(config).save_pretrained(tmp_path / "full")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with caplog.at_level(logging.WARNING):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "full", quantization_config=nf4).eval()
+    (line,) = [record.getMessage() for record in caplog.records if "4-bit on CPU" in record.getMessage()]
+    assert f"{3 * config.num_layers} linear layers stay unquantized" in line
+    assert all(f"encoder.layers.*.ffn.ffn.{name}" in line for name in ("w_in.w_0", "w_in.w_1", "w_out"))
+    assert "self_attention" not in line
+    layer = model.model.encoder.layers[0]
+    assert type(layer.self_att.self_attention.project_q).__name__ == "Linear4bit"
+    assert type(layer.ffn.ffn.w_out) is torch.nn.Linear
+
+    model.save_pretrained(tmp_path / "nf4")  # before the first forward (docs/quantization.md)
+    input_ids = torch.tensor([[6, 11, 12, 13]])
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        generated = model.generate(input_ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.isfinite(logits).all() and generated.shape == (1, 7)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, logits)
