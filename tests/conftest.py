@@ -1,9 +1,13 @@
 """Shared test helpers.
 
-Golden-parity tests (marker ``golden``) read the fixture folder named by ``VISCPM_GOLDEN``
-(default ``../shared/golden`` relative to the repository root). Every dimension, file name and
-expected value comes from that folder, so the same tests run against other fixture folders of
-the same layout.
+Golden-parity tests (marker ``golden``) run once per golden fixture folder: the folders named by ``VISCPM_GOLDEN``
+(separated by ``os.pathsep``, relative to the repository root), by default every ``../shared/golden*`` folder and
+the repository's own sets (``tests/fixtures/golden*``). Every dimension, file name and expected value comes from the
+folder, so the same tests run unchanged on any folder of the same layout.
+
+A test reaches its folder through the ``golden_dir`` fixture (directly or through other fixtures); a test whose
+cases are listed in a fixture file declares them with ``golden_cases(argname, load)``, ``load(folder)`` returning
+that folder's cases.
 """
 
 import json
@@ -17,17 +21,75 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def golden_root() -> Path:
-    return (REPO_ROOT / os.environ.get("VISCPM_GOLDEN", "../shared/golden")).resolve()
+def golden_folders() -> list[Path]:
+    named = os.environ.get("VISCPM_GOLDEN")
+    if named:
+        return [(REPO_ROOT / Path(part).expanduser()).resolve() for part in named.split(os.pathsep) if part]
+    candidates = sorted((REPO_ROOT.parent / "shared").glob("golden*")) + sorted(
+        (REPO_ROOT / "tests" / "fixtures").glob("golden*")
+    )
+    found = [folder.resolve() for folder in candidates if (folder / "MANIFEST.md").is_file()]
+    # with none found the golden tests fail on the usual place, naming it
+    return found or [(REPO_ROOT.parent / "shared" / "golden").resolve()]
+
+
+def golden_labels(folders: list[Path]) -> list[str]:
+    """Short test-id labels: each folder's name, with its parents' names where names repeat."""
+    for depth in range(1, max(len(folder.parts) for folder in folders) + 1):
+        labels = ["/".join(folder.parts[-depth:]) for folder in folders]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(folder) for folder in folders]
+
+
+def golden_cases(argname: str, load, ids=None):
+    """Parametrize ``argname`` with ``load(folder)``'s cases for every golden folder (``ids(case)`` names them)."""
+    return pytest.mark.golden_cases(argname, load, ids)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "golden_cases(argname, load, ids): cases read from each golden folder")
+
+
+def pytest_generate_tests(metafunc):
+    if "golden_dir" not in metafunc.fixturenames:
+        return
+    folders = golden_folders()
+    labels = golden_labels(folders)
+    marker = metafunc.definition.get_closest_marker("golden_cases")
+    if marker is None:
+        metafunc.parametrize("golden_dir", folders, indirect=True, ids=labels)
+        return
+    argname, load, ids = marker.args
+    params = []
+    for folder, label in zip(folders, labels):
+        if not (folder / "MANIFEST.md").is_file():
+            params.append(pytest.param(folder, None, id=f"{label}-missing"))  # golden_dir fails, naming the folder
+            continue
+        for index, case in enumerate(load(folder)):
+            params.append(pytest.param(folder, case, id=f"{label}-{ids(case) if ids else index}"))
+    metafunc.parametrize(["golden_dir", argname], params, indirect=["golden_dir"])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """All tests of one golden folder, then the next: each folder's models are built once."""
+    order = {folder: index for index, folder in enumerate(golden_folders())}
+
+    def folder_index(item):
+        callspec = getattr(item, "callspec", None)
+        return order.get(callspec.params.get("golden_dir"), -1) if callspec else -1
+
+    items.sort(key=folder_index)
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    root = golden_root()
+def golden_dir(request) -> Path:
+    root = Path(request.param)
     if not (root / "MANIFEST.md").is_file():
         pytest.fail(
-            f"golden fixture folder {root} not found (no MANIFEST.md): set VISCPM_GOLDEN to the "
-            "folder, or deselect these tests with -m 'not golden'"
+            f"golden fixture folder {root} not found (no MANIFEST.md): set VISCPM_GOLDEN to the folder(s), or "
+            "deselect these tests with -m 'not golden'"
         )
     return root
 

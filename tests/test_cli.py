@@ -290,7 +290,10 @@ def _listing(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def convert_argv(checkpoint, vocab, output, *extra) -> list:
-    return ["convert", "chat", "--checkpoint", checkpoint, "--vocab", vocab, "--output", output, *extra]
+    """`convert chat` with the checkpoint folder's own original-format config (the fixtures' dimensions)."""
+    argv = ["convert", "chat", "--checkpoint", checkpoint, "--vocab", vocab, "--output", output, *extra]
+    config = Path(checkpoint).parent / "config.json"
+    return argv + ["--config", config] if config.is_file() and "--config" not in extra else argv
 
 
 @pytest.mark.golden

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from conftest import golden_root, load_json
+from conftest import golden_cases, load_json
 from viscpm.conversion.checkpoint import cpmbee_config_from_original, load_original_cpmbee, read_original_checkpoint
 from viscpm.modeling.modeling_cpmbee import CpmBeeForCausalLM
 from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, build_generation_batch, encode_structured
@@ -100,11 +100,11 @@ def structure_from_collated(batch: dict, prefix: str) -> dict:
     )
 
 
-def teacher_forcing_cases():
-    return [case["name"] for case in load_json(golden_root() / "chat" / "forward_teacher_forcing.json")]
+def teacher_forcing_cases(folder: Path) -> list[str]:
+    return [case["name"] for case in load_json(folder / "chat" / "forward_teacher_forcing.json")]
 
 
-@pytest.mark.parametrize("case", teacher_forcing_cases())
+@golden_cases("case", teacher_forcing_cases, ids=str)
 def test_teacher_forced_forward(chat_llm, golden_dir, case):
     golden = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")
     inputs = structure_from_collated(golden, f"{case}.in.")
@@ -146,7 +146,7 @@ def test_teacher_forced_logits_with_flex_attention(golden_dir):
     """FlexAttention (bias inside the score function, block mask) gives the original's logits too."""
     model = load_golden_cpmbee(golden_dir / "chat", "flex_attention")
     golden = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")
-    for case in teacher_forcing_cases():
+    for case in teacher_forcing_cases(golden_dir):
         inputs = structure_from_collated(golden, f"{case}.in.")
         embeds = model.model.embed_tokens(
             golden[f"{case}.in.input_ids"], inputs["input_id_subs"], inputs["ext_table_ids"], inputs["ext_table_sub"]
@@ -157,11 +157,11 @@ def test_teacher_forced_logits_with_flex_attention(golden_dir):
         torch.testing.assert_close(outputs.loss, golden[f"{case}.loss"], rtol=1e-5, atol=0)
 
 
-def inference_cases():
-    return [case["case"] for case in load_json(golden_root() / "chat" / "inference_steps.json")]
+def inference_cases(folder: Path) -> list[str]:
+    return [case["case"] for case in load_json(folder / "chat" / "inference_steps.json")]
 
 
-@pytest.mark.parametrize("case", inference_cases())
+@golden_cases("case", inference_cases, ids=str)
 def test_prefill_and_decode_steps_with_kv_cache(chat_llm, golden_dir, case):
     """Prefill the prompt, then feed the decode steps one token at a time through a transformers cache.
 
@@ -264,12 +264,12 @@ def test_training_batch_loss(chat_llm, golden_dir):
     assert_close(target_logit, golden["logits_at_targets.target_logit"], "target_logit")
 
 
-def paint_text_cases():
-    golden = load_file(golden_root() / "paint" / "text_hidden.safetensors")
+def paint_text_cases(folder: Path) -> list[str]:
+    golden = load_file(folder / "paint" / "text_hidden.safetensors")
     return sorted({name.split(".in.")[0] for name in golden if name.endswith(".in.segment_rel")})
 
 
-@pytest.mark.parametrize("case", paint_text_cases())
+@golden_cases("case", paint_text_cases, ids=str)
 def test_paint_text_hidden_states(paint_llm, golden_dir, case):
     """Paint's text encoder output: the final normed hidden states at ALL positions, padding included."""
     golden = load_file(golden_dir / "paint" / "text_hidden.safetensors")
@@ -281,7 +281,7 @@ def test_paint_text_hidden_states(paint_llm, golden_dir, case):
 
 def test_golden_layout_is_complete(golden_dir):
     """Guard against silently testing nothing: every parametrized list above found cases."""
-    assert teacher_forcing_cases() and inference_cases() and paint_text_cases()
+    assert teacher_forcing_cases(golden_dir) and inference_cases(golden_dir) and paint_text_cases(golden_dir)
     assert json.loads((golden_dir / "chat" / "config.json").read_text())["cpmbee"]["num_layers"] > 0
 
 
@@ -340,12 +340,12 @@ def test_teacher_forced_loss_from_structured_input(chat_llm, tokenizer, golden_d
         torch.testing.assert_close(outputs.loss, golden[f"{name}.loss"], rtol=1e-5, atol=0)
 
 
-def beam_cases():
-    return load_json(golden_root() / "chat" / "generate_beam.json")
+def beam_cases(folder: Path) -> list[dict]:
+    return load_json(folder / "chat" / "generate_beam.json")
 
 
-@pytest.mark.parametrize(
-    "case", beam_cases(), ids=lambda c: f"p{c['prompt_index']}-i{c['image_index']}-beam{c['settings']['beam_size']}"
+@golden_cases(
+    "case", beam_cases, ids=lambda c: f"p{c['prompt_index']}-i{c['image_index']}-beam{c['settings']['beam_size']}"
 )
 def test_generate_equals_original_beam_search(chat_llm, tokenizer, golden_dir, case):
     """transformers' generate() with CPM-Bee's decode-time processing reproduces the original's beam search.
@@ -375,7 +375,7 @@ def test_generate_equals_original_beam_search(chat_llm, tokenizer, golden_dir, c
             do_sample=False,
             max_new_tokens=settings["max_length"] + 2,
             length_penalty=float(settings["length_penalty"]),
-            early_stopping="never",
+            early_stopping=False,
             repetition_penalty=float(settings["repetition_penalty"]),
             temperature=float(settings["temperature"]),
             eos_token_id=tokenizer.eos_token_id,

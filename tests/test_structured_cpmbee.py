@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_tensor_equal, golden_root, json_array, load_json
+from conftest import assert_tensor_equal, golden_cases, json_array, load_json
 from viscpm.modeling.structured_cpmbee import (
     CpmBeeTrainingCollator,
     build_generation_batch,
@@ -40,16 +40,15 @@ def tokenizer(golden_vocab_file):
     return CpmBeeTokenizer(vocab_file=str(golden_vocab_file))
 
 
-def golden_cases(relative_path, key=None):
-    """The cases of a fixture file, read at collection time (the test then fails if the folder is missing)."""
-    path = golden_root() / relative_path
-    if not path.is_file():
-        return [pytest.param(None, id="fixture-missing")]
-    cases = load_json(path)
-    cases = cases[key] if key else cases
-    if isinstance(cases, dict):
-        return [pytest.param((name, case), id=name) for name, case in cases.items()]
-    return [pytest.param(case, id=str(case.get("name", index))) for index, case in enumerate(cases)]
+def file_cases(relative_path, key=None):
+    """`golden_cases` for a fixture file: its list of cases, or its dict as (name, case) pairs."""
+
+    def load(folder):
+        cases = load_json(folder / relative_path)
+        cases = cases[key] if key else cases
+        return list(cases.items()) if isinstance(cases, dict) else cases
+
+    return golden_cases("case", load, ids=lambda case: case[0] if isinstance(case, tuple) else case["name"])
 
 
 def expected_error(message):
@@ -82,7 +81,7 @@ def assert_segments_equal(segments, expected, name):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", golden_cases("tokenizer/structured_cases.json", "cases"))
+@file_cases("tokenizer/structured_cases.json", "cases")
 def test_structured_cases(tokenizer, golden_dir, case):
     name = case["name"]
     if "error" in case:
@@ -107,9 +106,9 @@ def test_structured_cases(tokenizer, golden_dir, case):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("batch", golden_cases("tokenizer/process_list.json"))
-def test_generation_batch(tokenizer, golden_dir, batch):
-    name, case = batch
+@file_cases("tokenizer/process_list.json")
+def test_generation_batch(tokenizer, golden_dir, case):
+    name, case = case
     expected = {
         key.removeprefix(f"{name}."): value
         for key, value in load_file(golden_dir / "tokenizer" / "process_list.safetensors").items()
@@ -194,7 +193,7 @@ def test_training_collator(tokenizer, golden_dir):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", golden_cases("chat/forward_teacher_forcing.json"))
+@file_cases("chat/forward_teacher_forcing.json")
 def test_training_sample_from_structured_input(tokenizer, golden_dir, case):
     """encode_structured -> to_training_item -> collator, as the original item builder and collater made them."""
     expected = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import golden_root, load_json, pairs_to_dict
+from conftest import golden_cases, load_json, pairs_to_dict
 from viscpm.modeling.tokenization_cpmbee import CpmBeeToken, CpmBeeTokenizer
 
 # A cut-down vocabulary: the id of a token is its index in this list.
@@ -42,15 +42,11 @@ def tokenizer(golden_vocab_file):
     return CpmBeeTokenizer(vocab_file=str(golden_vocab_file))
 
 
-def golden_cases(relative_path, key):
-    """The cases of a fixture file, read at collection time (the test then fails if the folder is missing)."""
-    path = golden_root() / relative_path
-    if not path.is_file():
-        return [pytest.param(None, id="fixture-missing")]
-    return [
-        pytest.param(case, id=f"{index}-{ascii(case.get('text', ''))[:30]}")
-        for index, case in enumerate(load_json(path)[key])
-    ]
+def file_cases(relative_path, key):
+    """`golden_cases` for the list `key` of a fixture file."""
+    return golden_cases(
+        "case", lambda folder: load_json(folder / relative_path)[key], ids=lambda case: ascii(case.get("text", ""))[:30]
+    )
 
 
 def expected_error(case):
@@ -89,7 +85,7 @@ def test_vocabulary_facts(tokenizer, golden_dir, golden_vocab_file):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", golden_cases("tokenizer/encode_cases.json", "encode_cases"))
+@file_cases("tokenizer/encode_cases.json", "encode_cases")
 def test_encode_cases(tokenizer, golden_dir, case):
     text = case["text"]
     if "error" in case:
@@ -130,7 +126,7 @@ def test_encode_chained_past_table(tokenizer, golden_dir):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", golden_cases("tokenizer/encode_cases.json", "decode_cases"))
+@file_cases("tokenizer/encode_cases.json", "decode_cases")
 def test_decode_cases(tokenizer, golden_dir, case):
     ext_table = pairs_to_dict(case["ext_table"]) if case["ext_table"] is not None else None
     assert tokenizer.decode(case["ids"], ext_table=ext_table) == case["decoded"]

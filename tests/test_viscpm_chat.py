@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
-from conftest import golden_root, load_json
+from conftest import golden_cases, load_json
 from tiny_models import tiny_chat, tiny_image
 from viscpm import (
     CpmBeeTokenizer,
@@ -100,17 +100,14 @@ def test_teacher_forced_forward_from_pixels(chat_model, golden_dir):
         torch.testing.assert_close(outputs.loss, golden[f"{name}.loss"], rtol=1e-5, atol=0)
 
 
-def chat_default_cases():
+def beam_cases(folder: Path) -> list[dict]:
+    return load_json(folder / "chat" / "generate_beam.json")
+
+
+def chat_default_cases(folder: Path) -> list[dict]:
     """generate_beam cases run with VisCPMChat.chat's settings (everything but max_length)."""
-    path = golden_root() / "chat" / "generate_beam.json"
-    cases = load_json(path) if path.is_file() else []
     defaults = {"beam_size": 3, "temperature": 0.7, "repetition_penalty": 1.1, "length_penalty": 3}
-    return [case for case in cases if all(case["settings"][k] == v for k, v in defaults.items())]
-
-
-def all_beam_cases():
-    path = golden_root() / "chat" / "generate_beam.json"
-    return load_json(path) if path.is_file() else []
+    return [case for case in beam_cases(folder) if all(case["settings"][k] == v for k, v in defaults.items())]
 
 
 def settings_kwargs(settings: dict) -> dict:
@@ -125,8 +122,8 @@ def settings_kwargs(settings: dict) -> dict:
 
 
 @pytestmark_golden
-@pytest.mark.parametrize(
-    "case", all_beam_cases(), ids=lambda c: f"p{c['prompt_index']}-i{c['image_index']}-b{c['settings']['beam_size']}"
+@golden_cases(
+    "case", beam_cases, ids=lambda c: f"p{c['prompt_index']}-i{c['image_index']}-b{c['settings']['beam_size']}"
 )
 def test_chat_equals_original_generation(chat_model, processor, golden_dir, case):
     image = golden_images(golden_dir)[case["image_index"]]
@@ -147,7 +144,7 @@ def test_chat_equals_original_generation(chat_model, processor, golden_dir, case
 @pytestmark_golden
 def test_batched_chat_equals_the_original_one_at_a_time(chat_model, processor, golden_dir):
     """Several images and questions in one batch (different prompt lengths, left padded) give each original answer."""
-    cases = chat_default_cases()
+    cases = chat_default_cases(golden_dir)
     assert len(cases) > 1
     images = golden_images(golden_dir)
     (max_length,) = {case["settings"]["max_length"] for case in cases}
@@ -181,8 +178,7 @@ def test_batch_of_two_images_is_right_where_the_original_was_not(chat_model, pro
 
 
 @pytestmark_golden
-@pytest.mark.parametrize("conversation", sorted(load_json(golden_root() / "chat" / "viscpmchat_chat.json"))
-                         if (golden_root() / "chat" / "viscpmchat_chat.json").is_file() else [])  # fmt: skip
+@golden_cases("conversation", lambda folder: sorted(load_json(folder / "chat" / "viscpmchat_chat.json")), ids=str)
 def test_multi_turn_chat_equals_the_original(chat_model, processor, golden_dir, conversation):
     """VisCPMChat.chat with its own defaults, two turns, feeding back context and vision states like demo_chat.py."""
     transcript = load_json(golden_dir / "chat" / "viscpmchat_chat.json")[conversation]

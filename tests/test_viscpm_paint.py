@@ -21,7 +21,7 @@ from diffusers.schedulers import scheduling_ddpm
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, golden_root, load_json
+from conftest import REPO_ROOT, golden_cases, load_json
 from tiny_models import TINY_UNET, tiny_pipeline
 from viscpm.conversion.checkpoint import CheckpointError, map_state_dict, read_original_checkpoint
 from viscpm.conversion.paint import convert_paint, paint_config_from_checkpoint, paint_key
@@ -45,10 +45,6 @@ def assert_uint8_close(actual: np.ndarray, expected: np.ndarray, name: str):
 
 
 # ---------------------------------------------------------------- golden parity
-
-
-def paint_dir() -> Path:
-    return golden_root() / "paint"
 
 
 def only_checkpoint(folder: Path) -> Path:
@@ -75,14 +71,12 @@ def pipe(converted):
     return pipeline
 
 
-def generate_cases():
-    path = paint_dir() / "generate.json"
-    return load_json(path) if path.is_file() else []
+def generate_cases(folder: Path) -> list[dict]:
+    return load_json(folder / "paint" / "generate.json")
 
 
-def text_cases():
-    path = paint_dir() / "text_hidden.json"
-    return load_json(path)["inputs"] if path.is_file() else []
+def text_cases(folder: Path) -> list[dict]:
+    return load_json(folder / "paint" / "text_hidden.json")["inputs"]
 
 
 @golden
@@ -115,7 +109,7 @@ def test_converted_folder_layout(converted, pipe, golden_dir):
 
 
 @golden
-@pytest.mark.parametrize("case", text_cases(), ids=lambda case: case["key"])
+@golden_cases("case", text_cases, ids=lambda case: case["key"])
 def test_text_states_and_bridge_from_the_prompt(pipe, golden_dir, case):
     """Prompt -> `{'caption': prompt, 'objects': ''}` -> CPM-Bee hidden states at every position -> bridge."""
     fixture = load_file(golden_dir / "paint" / "text_hidden.safetensors")
@@ -201,7 +195,7 @@ class StepRecorder:
 
 
 @golden
-@pytest.mark.parametrize("case", generate_cases(), ids=lambda case: case["key"])
+@golden_cases("case", generate_cases, ids=lambda case: case["key"])
 def test_generation_equals_the_original_step_by_step(pipe, golden_dir, monkeypatch, case):
     """The original's CFG loop with the fixture's initial latents and generator: every step, then the image and PNG."""
     fixture = load_file(golden_dir / "paint" / "generate.safetensors")
@@ -275,7 +269,7 @@ def test_viscpmpaint_generate_with_the_default_50_ddpm_steps(pipe, golden_dir):
 def test_remote_code_folder_loads_without_viscpm(converted, pipe, golden_dir, tmp_path):
     """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a fresh process that never imports viscpm
     gives the same image."""
-    (case, *_) = generate_cases()
+    (case, *_) = generate_cases(golden_dir)
     script = f"""
 import sys, numpy, torch
 from diffusers import DiffusionPipeline
