@@ -322,15 +322,13 @@ class QuietGate:
 
 def find_vocab(explicit: str | None, original: str | None) -> Path:
     candidates = [Path(explicit)] if explicit else []
-    golden = os.environ.get("VISCPM_GOLDEN")
-    candidates += [Path(golden) / "vocab" / "bee.txt"] if golden else []
-    candidates += [REPO_ROOT.parent / "shared" / "golden" / "vocab" / "bee.txt"]
+    candidates += [REPO_ROOT / "tests" / "fixtures" / "golden" / "vocab" / "bee.txt"]  # the repository's golden set
     candidates += [Path(original) / "VisCPM" / "cpm_tokenizers" / "vocabs" / "bee.txt"] if original else []
     for path in candidates:
         if path.is_file():
             return path
     raise SystemExit(
-        "chat_speed.py needs CPM-Bee's vocabulary (bee.txt, 86583 tokens): pass --vocab, set VISCPM_GOLDEN, or pass "
+        "chat_speed.py needs CPM-Bee's vocabulary (bee.txt, 86583 tokens): pass --vocab, or pass "
         "--original (its VisCPM/cpm_tokenizers/vocabs/bee.txt)"
     )
 
@@ -634,7 +632,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="answer length (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab", help="CPM-Bee's bee.txt (default: $VISCPM_GOLDEN/vocab or ../shared/golden/vocab)")
+    parser.add_argument("--vocab", help="CPM-Bee's bee.txt (default: tests/fixtures/golden/vocab)")
     parser.add_argument("--original", help="a checkout of OpenBMB/VisCPM (measured in a child process)")
     parser.add_argument("--original-python", help="an interpreter that imports the original (torch, timm, ...)")
     parser.add_argument("--workdir", help="where the original's weights go (default: a temporary folder)")

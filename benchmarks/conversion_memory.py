@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/viscpm-conversion-bench"))
     parser.add_argument("--llm-layers", type=int, default=48, help="CPM-Bee layers to keep (48 in the release)")
     parser.add_argument(
-        "--vocab", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/golden/vocab/bee.txt"
+        "--vocab", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/golden/vocab/bee.txt"
     )
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()

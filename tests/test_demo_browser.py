@@ -1,4 +1,5 @@
-"""`viscpm demo`: the gradio apps driven in headless Chromium (Debian's `chromium`, which `.ci/run` installs).
+"""`viscpm demo`: the gradio apps driven in headless Chromium (Debian's `chromium`, which `.ci/run` installs; the
+tests skip where it is missing).
 
 Both run on the shipped toy models (the defaults). Chat: upload an image, ask, see the answer, ask a follow-up about
 the same image. Paint: enter a Chinese prompt, see the drawn image in the gallery.
@@ -11,8 +12,10 @@ import socket
 import pytest
 
 from conftest import REPO_ROOT
-from viscpm.cli import DEFAULT_CHAT_MODEL, DEFAULT_PAINT_MODEL
+from viscpm import defaults
 from viscpm.experiments.glossary import ZH, describe
+
+pytestmark = pytest.mark.slow  # the slowest tests, left out by -m "not slow"
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # tests run offline
 playwright = pytest.importorskip("playwright.sync_api", reason="the dev extra (playwright) is not installed")
@@ -27,7 +30,7 @@ TIMEOUT_MS = 120_000
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        pytest.fail("Chromium not found: install Debian's chromium package (apt-get install chromium), as .ci/run does")
+        pytest.skip("Chromium not found: install Debian's chromium package (apt-get install chromium), as .ci/run does")
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         yield browser
@@ -51,7 +54,7 @@ def launched(app):
 def test_chat_demo_answers_and_follows_up_in_the_browser(browser):
     from viscpm.serving.demo import chat_app
 
-    app = chat_app(DEFAULT_CHAT_MODEL)
+    app = chat_app(defaults.CHAT)
     try:
         page = browser.new_page()
         page.goto(launched(app), timeout=TIMEOUT_MS)
@@ -72,7 +75,7 @@ def test_chat_demo_answers_and_follows_up_in_the_browser(browser):
 def test_paint_demo_shows_an_image_in_the_browser(browser):
     from viscpm.serving.demo import paint_app
 
-    app = paint_app(DEFAULT_PAINT_MODEL)
+    app = paint_app(defaults.PAINT)
     try:
         page = browser.new_page()
         page.goto(launched(app), timeout=TIMEOUT_MS)
