@@ -71,10 +71,10 @@ def one_request(url: str, endpoint: str, payload: bytes) -> tuple[float, bool]:
 
 def start_local_server(model: Path | None, paint_model: Path | None, paint_steps: int):
     sys.path.insert(0, str(REPO / "src"))
-    from viscpm.cli import DEFAULT_CHAT_MODEL, DEFAULT_PAINT_MODEL
+    from viscpm import defaults
     from viscpm.serving.server import VisCPMService, make_server
 
-    service = VisCPMService(model or DEFAULT_CHAT_MODEL, paint_model or DEFAULT_PAINT_MODEL, paint_steps=paint_steps)
+    service = VisCPMService(model or defaults.CHAT, paint_model or defaults.PAINT, paint_steps=paint_steps)
     server = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]

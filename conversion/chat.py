@@ -251,3 +251,13 @@ def convert_chat(
 def chat_to_original(folder: str | Path, output: str | Path) -> Path:
     """A converted VisCPM-Chat folder back in the original `VLU_CPMBee` layout (`torch.load`-able, bit-exact)."""
     return to_original(folder, output, [("", "model", original_chat_key)])
+
+
+def chat_pivot(folder: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """A converted VisCPM-Chat folder's CPM-Bee (its MpM pivot, `llm`) with its tokenizer, as a folder that
+    `AutoModelForCausalLM` and `AutoTokenizer` load."""
+    output = Path(output)
+    with staged_output(output, overwrite) as staging:
+        VisCPMChatForConditionalGeneration.from_pretrained(folder).llm.save_pretrained(staging)
+        CpmBeeTokenizer.from_pretrained(folder).save_pretrained(staging)
+    return output

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
@@ -146,6 +145,10 @@ class VisCPMPaintModel(VisCPMPaintPreTrainedModel):
 
     def __init__(self, config: VisCPMPaintConfig):
         super().__init__(config)
+        # diffusers is imported here, not with the module: the text encoder (and registering these classes with the
+        # Auto classes) needs only torch and transformers, and diffusers' import pulls in bitsandbytes, when installed
+        from diffusers import UNet2DConditionModel
+
         self._build_text_encoder(config)
         self.unet = UNet2DConditionModel.from_config(config.unet_config)
         self.post_init()

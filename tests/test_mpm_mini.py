@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from viscpm.cli import DEFAULT_CHAT_MODEL, main
+from viscpm import defaults
+from viscpm.cli import main
 from viscpm.experiments import glossary as g
 from viscpm.experiments import mpm_mini
+
+pytestmark = pytest.mark.slow  # the slowest tests, left out by -m "not slow"
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="the experiment extra (easy-vqa) is not installed")
 
@@ -74,9 +77,7 @@ def test_shipped_default_answers_held_out_questions_in_both_languages():
     config = dataclasses.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7)
     evaluation = mpm_mini.evaluation_set(config, *mpm_mini.load_world("test"))
     with torch.no_grad():
-        scores = {
-            language: mpm_mini.accuracy(DEFAULT_CHAT_MODEL, examples) for language, examples in evaluation.items()
-        }
+        scores = {language: mpm_mini.accuracy(defaults.CHAT, examples) for language, examples in evaluation.items()}
     assert scores["en"] >= 0.65 and scores["zh"] >= 0.6, scores
 
 

@@ -6,10 +6,13 @@ import json
 import pytest
 import torch
 
-from viscpm.cli import DEFAULT_PAINT_MODEL, main
+from viscpm import defaults
+from viscpm.cli import main
 from viscpm.experiments import glossary as g
 from viscpm.experiments import paint_mini
 from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+
+pytestmark = pytest.mark.slow  # the slowest tests, left out by -m "not slow"
 
 pytest.importorskip("easy_vqa", reason="the experiment extra (easy-vqa) is not installed")
 
@@ -57,7 +60,7 @@ def test_shipped_default_draws_what_english_and_chinese_prompts_ask():
     config = dataclasses.replace(paint_mini.CONFIG, images_per_prompt=8, seed=11)
     _, pixels, labels, _, _ = paint_mini.labelled_images("train", config.resolution, limit=2000)
     classifier = paint_mini.train_classifier(config, pixels, labels)
-    accuracy, _ = paint_mini.evaluate(DEFAULT_PAINT_MODEL, classifier, config)
+    accuracy, _ = paint_mini.evaluate(defaults.PAINT, classifier, config)
     assert accuracy["en"]["both"] >= 0.75, accuracy
     assert accuracy["zh"]["shape"] >= 0.45, accuracy
 

@@ -21,12 +21,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, defaults
 
 PROG = "viscpm"
-# the toy VisCPM-Chat `viscpm experiment mpm-mini --install-default` trains (docs/mpm-mini.md)
-DEFAULT_CHAT_MODEL = Path(__file__).resolve().parent / "defaults" / "viscpm-chat-mini"
-DEFAULT_PAINT_MODEL = Path(__file__).resolve().parent / "defaults" / "viscpm-paint-mini"
 # exit status of a usage or input error (argparse's own) and of an interrupt (128 + SIGINT)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -177,6 +174,38 @@ def _run_convert_paint(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------- chat
 
 
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool):
+    """For the commands that load a model to answer (chat, paint, serve, demo): transformers' weight-loading bars and
+    advisory warnings (e.g. generation flags that greedy search ignores), and bitsandbytes' note on an optional CPU
+    kernel (logged when diffusers imports it, whether or not anything is quantized), are off unless --verbose. Long
+    work keeps its bars (paint steps, conversion, training). The previous settings come back afterwards."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    bitsandbytes_logger = logging.getLogger("bitsandbytes")
+    bitsandbytes_level = bitsandbytes_logger.level
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    bitsandbytes_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+        bitsandbytes_logger.setLevel(bitsandbytes_level)
+
+
+def _add_verbose_argument(parser) -> None:
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the libraries' model-loading progress bars and warnings"
+    )
+
+
 def _add_chat_parser(subcommands) -> None:
     chat = subcommands.add_parser(
         "chat",
@@ -209,6 +238,7 @@ def _add_chat_parser(subcommands) -> None:
         action="store_true",
         help='print one JSON object {"answer", "context", "token_ids"} instead of the answer',
     )
+    _add_verbose_argument(chat)
     chat.set_defaults(handler=_run_chat)
 
 
@@ -218,7 +248,7 @@ def _chat_folder(model_dir: Path | None) -> Path:
     from .modeling.configuration_viscpm_chat import VisCPMChatConfig
 
     if model_dir is None:
-        return _shipped_default(DEFAULT_CHAT_MODEL, "config.json", "--model", "chat")
+        return _shipped_default(defaults.CHAT, "config.json", "--model", "chat")
 
     if not model_dir.exists():
         raise CommandError(f"--model {model_dir}: no such folder")
@@ -252,7 +282,7 @@ def _shipped_default(folder: Path, marker: str, flag: str, kind: str) -> Path:
 def _paint_folder(model_dir: Path | None, flag: str = "--model") -> Path:
     """The VisCPM-Paint pipeline folder to load: `flag`'s, or the shipped toy pipeline without it."""
     if model_dir is None:
-        return _shipped_default(DEFAULT_PAINT_MODEL, "model_index.json", flag, "paint")
+        return _shipped_default(defaults.PAINT, "model_index.json", flag, "paint")
     if not (model_dir / "model_index.json").is_file():
         raise CommandError(
             f"{flag} {model_dir}: not a converted VisCPM-Paint folder (no model_index.json); write one with "
@@ -265,11 +295,13 @@ def _run_chat(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise CommandError("--question is empty: ask a question about the image")
     args.model = _chat_folder(args.model)
+    with _quiet_libraries(args.verbose):
+        return _answer(args)
 
+
+def _answer(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModel, AutoProcessor
-
-    import viscpm  # noqa: F401  (registers the VisCPM classes with the Auto classes)
 
     from .modeling.image_processing_viscpm_chat import InvalidImageError, load_image
 
@@ -335,6 +367,7 @@ def _add_paint_parser(subcommands) -> None:
     paint.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="images to draw")
     paint.add_argument("--height", type=_positive_int, metavar="H", help="image height (default: the model's)")
     paint.add_argument("--width", type=_positive_int, metavar="W", help="image width (default: the model's)")
+    _add_verbose_argument(paint)
     paint.set_defaults(handler=_run_paint)
 
 
@@ -342,6 +375,11 @@ def _run_paint(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CommandError("the prompt is empty: say what to draw")
     args.model = _paint_folder(args.model)
+    with _quiet_libraries(args.verbose):
+        return _draw(args)
+
+
+def _draw(args: argparse.Namespace) -> int:
     import torch
 
     from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
@@ -484,8 +522,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
         from .experiments import mpm_mini, paint_mini
     _log_training()
     experiment, default_folder = {
-        "mpm-mini": (mpm_mini, DEFAULT_CHAT_MODEL),
-        "paint-mini": (paint_mini, DEFAULT_PAINT_MODEL),
+        "mpm-mini": (mpm_mini, defaults.CHAT),
+        "paint-mini": (paint_mini, defaults.PAINT),
     }[args.name]
     output = args.output or Path("runs") / args.name
     config = dataclasses.replace(experiment.QUICK if args.quick else experiment.CONFIG, seed=args.seed)
@@ -496,7 +534,12 @@ def _run_experiment(args: argparse.Namespace) -> int:
     experiment.plot(results, output / "accuracy.png")
     print(f"results: {output / 'results.json'}, plot: {output / 'accuracy.png'} ({results['seconds']} s)")
     if args.install_default:
-        print(f"installed: {experiment.install_default(results, 'mpm', default_folder)}")
+        installed = experiment.install_default(results, "mpm", default_folder)
+        print(f"installed: {installed}")
+        if args.name == "mpm-mini":  # its pivot ships too, as a CPM-Bee folder
+            from .conversion.chat import chat_pivot
+
+            print(f"installed: {chat_pivot(installed, defaults.CPMBEE, overwrite=True)}")
     return 0
 
 
@@ -518,6 +561,7 @@ def _add_serve_parser(subcommands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
     serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
+    _add_verbose_argument(serve)
     serve.set_defaults(handler=_run_serve)
 
 
@@ -527,14 +571,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     model = _chat_folder(args.model)
     paint_model = _paint_folder(args.paint_model, "--paint-model")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    service = VisCPMService(model, paint_model, paint_steps=args.paint_steps)
-    server = make_server(service, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    with _quiet_libraries(args.verbose):
+        service = VisCPMService(model, paint_model, paint_steps=args.paint_steps)
+        server = make_server(service, args.host, args.port)
+        host, port = server.server_address[:2]
+        print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
     return 0
 
 
@@ -549,14 +594,17 @@ def _add_demo_parser(subcommands) -> None:
     demo.add_argument("--model", type=Path, metavar="DIR", help="model folder (default: the shipped toy model)")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--port", type=_int, default=7860, help="port (7860)")
+    _add_verbose_argument(demo)
     demo.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     with _needs_extra("the demo", "demo"):
         from .serving.demo import chat_app, paint_app
-    app = chat_app(_chat_folder(args.model)) if args.app == "chat" else paint_app(_paint_folder(args.model))
-    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port)
+    folder = _chat_folder(args.model) if args.app == "chat" else _paint_folder(args.model)
+    with _quiet_libraries(args.verbose):
+        app = chat_app(folder) if args.app == "chat" else paint_app(folder)
+        app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port)
     return 0
 
 

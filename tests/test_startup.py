@@ -1,0 +1,79 @@
+"""What a user meets first: `--help` fast (no torch, no transformers), `import viscpm` light yet teaching the Auto
+classes, and one-shot commands that print only their result (the libraries' noise behind `--verbose`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+HEAVY = ("torch", "transformers", "diffusers", "bitsandbytes")
+# every command and subcommand of the parser
+HELP_COMMANDS = [
+    [], ["convert"], ["convert", "chat"], ["convert", "paint"], ["chat"], ["paint"], ["train"], ["merge-lora"],
+    ["experiment"], ["serve"], ["demo"],
+]  # fmt: skip
+
+
+def python(code: str, *arguments: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *arguments], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda command: " ".join(command) or "viscpm")
+def test_help_imports_neither_torch_nor_transformers(command):
+    result = python(
+        "import json, runpy, sys\n"
+        "sys.argv = ['viscpm', *sys.argv[1:], '--help']\n"
+        "try:\n    runpy.run_module('viscpm', run_name='__main__')\n"
+        "except SystemExit as exit_:\n    code = exit_.code\n"
+        f"print(json.dumps([code, [name for name in {HEAVY!r} if name in sys.modules]]), file=sys.stderr)",
+        *command,
+    )
+    code, heavy = json.loads(result.stderr.strip().splitlines()[-1])
+    assert code in (0, None) and result.stdout.startswith("usage: viscpm")
+    assert heavy == []
+
+
+@pytest.mark.slow
+def test_import_viscpm_is_light_and_still_registers_the_auto_classes():
+    result = python(
+        "import sys\n"
+        "import viscpm\n"
+        f"assert not [name for name in {HEAVY!r} if name in sys.modules], sys.modules.keys()\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n"
+        "config = AutoConfig.from_pretrained(viscpm.defaults.CPMBEE)\n"
+        "assert type(config).__name__ == 'CpmBeeConfig'\n"
+        "assert type(AutoModelForCausalLM.from_config(config)).__name__ == 'CpmBeeForCausalLM'\n"
+        "assert type(AutoTokenizer.from_pretrained(viscpm.defaults.CPMBEE)).__name__ == 'CpmBeeTokenizer'\n"
+        # a chat needs neither diffusers nor bitsandbytes
+        "assert 'diffusers' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
+        "print('ok')"
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.slow
+def test_auto_classes_learn_viscpm_when_transformers_came_first():
+    result = python(
+        "from transformers import AutoConfig\n"
+        "import viscpm\n"
+        "print(type(AutoConfig.from_pretrained(viscpm.defaults.CHAT)).__name__)"
+    )
+    assert result.stdout.strip() == "VisCPMChatConfig", result.stderr
+
+
+@pytest.mark.slow
+def test_chat_prints_only_the_answer_unless_verbose():
+    arguments = ["chat", "--image", str(REPO_ROOT / "examples" / "circle.png"), "--question", "图中是什么形状？"]
+    run = "import sys; from viscpm.cli import main; sys.exit(main(sys.argv[1:]))"
+    quiet = python(run, *arguments, "--num-beams", "1")  # greedy: transformers would warn about the beam settings
+    assert quiet.returncode == 0 and quiet.stdout.strip() and quiet.stderr == "", quiet.stderr
+    verbose = python(run, *arguments, "--verbose")
+    assert verbose.returncode == 0 and verbose.stdout == quiet.stdout
+    assert "Loading weights" in verbose.stderr
