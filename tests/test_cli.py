@@ -173,6 +173,7 @@ def test_chat_prints_the_answer(capsys, converted_chat, golden_dir, default_case
     assert out == case["answer"] + "\n"
 
 
+@pytest.mark.slow
 @pytest.mark.golden
 def test_python_m_viscpm_chat_json(converted_chat, golden_dir, default_cases):
     """The real entry point, in a fresh interpreter: `python -m viscpm chat ... --json`."""

@@ -63,6 +63,7 @@ def test_dtype_option(golden_chat, tmp_path, dtype, torch_dtype):
     assert json.loads((output / "config.json").read_text())["dtype"] == str(torch_dtype).removeprefix("torch.")
 
 
+@pytest.mark.slow
 def test_remote_code_loads_in_a_fresh_process_without_viscpm(sharded, golden_dir, tmp_path):
     """trust_remote_code=True, offline, viscpm never imported: the same answers and logits as the native path."""
     image = sorted((golden_dir / "chat" / "images").iterdir())[0]

@@ -572,6 +572,7 @@ def test_generate_applies_penalty_and_temperature_once():
 
 
 @torch.no_grad()
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU: eager flex on purpose
 def test_flex_attention_equals_eager_without_a_dense_bias():
     """FlexAttention computes the bucketed bias inside its score function and the mask as a block mask (inference
     only on CPU: FlexAttention has no CPU backward). Same outputs as eager, with padding and a cache."""

@@ -168,6 +168,7 @@ def test_concurrent_requests_queue_for_the_model(server, client, monkeypatch):
     assert most[0] == 1 and len(set(answers)) == 1
 
 
+@pytest.mark.slow
 def test_serve_command_answers_chat_and_images_on_the_shipped_defaults():
     """`viscpm serve` with no model given: the toy Chat and Paint models, for the openai client."""
     command = [sys.executable, "-m", "viscpm", "serve", "--port", "0", "--paint-steps", "10"]

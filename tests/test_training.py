@@ -303,7 +303,7 @@ def test_chat_pretrain_trains_the_queries_and_language_experts_only(tmp_path):
 def test_chat_sft_trains_everything_but_the_patch_embedding(tmp_path):
     folder = chat_folder(tmp_path)
     before = state(AutoModel.from_pretrained(folder))
-    entries = chat_config(tmp_path, folder, "sft", training={"gradient_checkpointing": True})
+    entries = chat_config(tmp_path, folder, "sft", training={"activation_checkpointing": True})
     config = load_config("chat-sft", None, [f"{key}={json.dumps(value)}" for key, value in entries.items()])
     summary, _ = train("chat-sft", config)
     assert falls(summary["losses"]), summary["losses"]
@@ -369,7 +369,7 @@ def test_paint_loss_falls(tmp_path):
     folder = paint_folder(tmp_path)
     unfreeze = [{"step": 0, "train": ["bridge", "unet"]}]
     config = chat_config(tmp_path, folder, "paint", steps=12, paint={"resolution": 16, "unfreeze": unfreeze},
-                         training={"learning_rate": 3e-3, "gradient_checkpointing": True})  # fmt: skip
+                         training={"learning_rate": 3e-3, "activation_checkpointing": True})  # fmt: skip
     summary, _ = train("paint", load_config("paint", str(write_config(tmp_path / "c.yaml", **config))))
     assert falls(summary["losses"]), summary["losses"]
 
@@ -399,6 +399,7 @@ def test_config_errors_name_the_entry(tmp_path):
     assert main(["train", "paint", "--config", str(tmp_path / "absent.yaml")]) == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     """SIGKILL mid-run, then --resume: the losses continue those of an uninterrupted run with the same seed."""
     folder = chat_folder(tmp_path)

@@ -265,6 +265,7 @@ def test_viscpmpaint_generate_with_the_default_50_ddpm_steps(pipe, golden_dir):
     assert_uint8_close(np.asarray(image), png, "viscpmpaint_generate.png")
 
 
+@pytest.mark.slow
 @golden
 def test_remote_code_folder_loads_without_viscpm(converted, pipe, golden_dir, tmp_path):
     """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a fresh process that never imports viscpm

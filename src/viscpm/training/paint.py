@@ -58,8 +58,8 @@ class VisCPMPaintTrainingModel(nn.Module):
         self.text_encoder.llm.requires_grad_(False)
         self.vae.requires_grad_(False)
 
-    def gradient_checkpointing_enable(self, **trainer_kwargs) -> None:
-        """What `TrainingArguments(gradient_checkpointing=True)` calls: the UNet recomputes its activations in the
+    def activation_checkpointing_enable(self, **trainer_kwargs) -> None:
+        """What `TrainingArguments(activation_checkpointing=True)` calls: the UNet recomputes its activations in the
         backward pass (CPM-Bee and the VAE run without gradients and keep none). The Trainer's options (checkpoint
         every n layers, reentrant or not) are transformers' own; diffusers' UNet has a single setting."""
         self.unet.enable_gradient_checkpointing()

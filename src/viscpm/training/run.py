@@ -15,7 +15,7 @@ The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any
     paint: {resolution, caption_dropout, unfreeze: [{step, train: [bridge | unet_cross_attention | unet]}, ...]}
     training:                  keyword arguments of transformers.TrainingArguments, as they are: learning rate and
                                schedule, batch size, gradient_accumulation_steps, bf16 / fp16,
-                               gradient_checkpointing, save_steps, deepspeed (a ZeRO config file), fsdp, ...
+                               activation_checkpointing, save_steps, deepspeed (a ZeRO config file), fsdp, ...
 
 Multi-GPU runs launch the same command under `accelerate launch` or `torchrun`; distribution, mixed precision,
 DeepSpeed and FSDP are the Trainer's. `--resume` continues from the newest checkpoint in `output_dir`.
@@ -123,9 +123,12 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
 
 
 def training_arguments(config: dict):
+    import torch
     from transformers import TrainingArguments
 
-    arguments = {**TRAINING_DEFAULTS, **config["training"]}
+    # pinned memory helps only the copy to an accelerator; without one torch warns on every data loader
+    pin_memory = torch.accelerator.current_accelerator() is not None
+    arguments = {**TRAINING_DEFAULTS, "dataloader_pin_memory": pin_memory, **config["training"]}
     arguments.update(output_dir=config["output_dir"], seed=config["seed"])
     try:
         return TrainingArguments(**arguments)
@@ -162,7 +165,7 @@ def build_chat(stage: str, config: dict, arguments):
     model = AutoModel.from_pretrained(config["model"], dtype=torch.float32, quantization_config=quantization)
     if lora:  # peft freezes the whole base and trains the adapters (and `modules_to_save`)
         model = add_lora(model, lora, quantized=quantization is not None,
-                         gradient_checkpointing=arguments.gradient_checkpointing)  # fmt: skip
+                         gradient_checkpointing=arguments.activation_checkpointing)  # fmt: skip
     else:
         set_chat_trainable(model, tune_llm=config["tune_llm"], tune_vision=config["tune_vision"])
     logger.info("%s: %s", stage, trainable_summary(model))
