@@ -34,7 +34,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EXTRAS_FILE = "original_extras.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 CHUNK_BYTES = 64 * 1024**2
-MODEL_CARD_TEMPLATE = Path(modeling.__file__).resolve().parent.parent / "model_card.md"
+# the repository's model_card.md, linked into this package so that a wheel carries it
+MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
