@@ -2,19 +2,16 @@
 
 Golden-parity tests (marker ``golden``) run once per golden fixture folder: the folders named by ``VISCPM_GOLDEN``
 (separated by ``os.pathsep``, relative to the repository root), by default the repository's own sets
-(``tests/fixtures/golden*``) and every ``../shared/golden*`` folder that none of them was made from. Every
-dimension, file name and expected value comes from the folder, so the same tests run unchanged on any folder of the
-same layout.
+(``tests/fixtures/golden*``) and every ``../shared/golden*`` folder. Every dimension, file name and expected value
+comes from the folder, so the same tests run unchanged on any folder of the same layout.
 
 A test reaches its folder through the ``golden_dir`` fixture (directly or through other fixtures); a test whose
 cases are listed in a fixture file declares them with ``golden_cases(argname, load)``, ``load(folder)`` returning
 that folder's cases.
 """
 
-import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +28,7 @@ def golden_folders() -> list[Path]:
     if named:
         return [(REPO_ROOT / Path(part).expanduser()).resolve() for part in named.split(os.pathsep) if part]
     own = [folder.resolve() for folder in sorted(OWN_GOLDEN.glob("golden*")) if (folder / "MANIFEST.md").is_file()]
-    # a shared set that one of our own was made from (tests/fixtures/make_golden.py) holds the same cases
-    made_from = {
-        match[1]
-        for folder in own
-        for match in re.finditer(r"Source MANIFEST\.md sha256: ([0-9a-f]{64})", (folder / "MANIFEST.md").read_text())
-    }
-    shared = [
-        folder.resolve()
-        for folder in sorted(SHARED.glob("golden*"))
-        if (folder / "MANIFEST.md").is_file()
-        and hashlib.sha256((folder / "MANIFEST.md").read_bytes()).hexdigest() not in made_from
-    ]
-    # with none found the golden tests fail on the usual place, naming it
+    shared = [folder.resolve() for folder in sorted(SHARED.glob("golden*")) if (folder / "MANIFEST.md").is_file()]
     return own + shared or [(SHARED / "golden").resolve()]
 
 
