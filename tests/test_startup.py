@@ -77,3 +77,15 @@ def test_chat_prints_only_the_answer_unless_verbose():
     verbose = python(run, *arguments, "--verbose")
     assert verbose.returncode == 0 and verbose.stdout == quiet.stdout
     assert "Loading weights" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_paint_shows_its_steps_and_nothing_else(tmp_path):
+    """diffusers imports bitsandbytes (which notes a missing optional kernel on this CPU): not shown; the denoising
+    steps' bar is the command's own progress and stays."""
+    run = "import sys; from viscpm.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = python(run, "paint", "一个红色的圆形", "--steps", "2", "--seed", "0", "-o", str(tmp_path / "circle.png"))
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "circle.png"), result.stderr
+    assert "2/2" in result.stderr
+    assert "Loading weights" not in result.stderr and "bitsandbytes" not in result.stderr.lower()
+    assert "kernels" not in result.stderr, result.stderr

@@ -177,27 +177,36 @@ def _run_convert_paint(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _quiet_libraries(verbose: bool):
     """For the commands that load a model to answer (chat, paint, serve, demo): transformers' weight-loading bars and
-    advisory warnings (e.g. generation flags that greedy search ignores), and bitsandbytes' note on an optional CPU
-    kernel (logged when diffusers imports it, whether or not anything is quantized), are off unless --verbose. Long
-    work keeps its bars (paint steps, conversion, training). The previous settings come back afterwards."""
+    advisory warnings (e.g. generation flags that greedy search ignores) are off unless --verbose. Long work keeps its
+    bars (paint steps, conversion, training). The previous settings come back afterwards."""
     if verbose:
         yield
         return
     from transformers.utils import logging as transformers_logging
 
     verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
-    bitsandbytes_logger = logging.getLogger("bitsandbytes")
-    bitsandbytes_level = bitsandbytes_logger.level
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    bitsandbytes_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         transformers_logging.set_verbosity(verbosity)
         if bars:
             transformers_logging.enable_progress_bar()
-        bitsandbytes_logger.setLevel(bitsandbytes_level)
+
+
+@contextlib.contextmanager
+def _quiet_bitsandbytes(verbose: bool):
+    """diffusers and peft import bitsandbytes whenever it is installed, and on CPUs with AVX512-BF16 its import logs
+    a note about an optional kernel package: noise for every command, quantizing or not. Off unless --verbose."""
+    bitsandbytes_logger = logging.getLogger("bitsandbytes")
+    level = bitsandbytes_logger.level
+    if not verbose:
+        bitsandbytes_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        bitsandbytes_logger.setLevel(level)
 
 
 def _add_verbose_argument(parser) -> None:
@@ -649,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
     _configure_stdout()
     try:
-        return args.handler(args)
+        with _quiet_bitsandbytes(getattr(args, "verbose", False)):
+            return args.handler(args)
     except CommandError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
