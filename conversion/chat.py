@@ -37,6 +37,7 @@ from .checkpoint import (
 from .export import (
     add_auto_map,
     auto_map_modules,
+    check_output,
     copy_remote_code,
     parse_dtype,
     render_model_card,
@@ -202,6 +203,7 @@ def convert_chat(
     ``dtype`` is `fp16`, `bf16` or `fp32` (default: the checkpoint's). With ``verify`` the written weights are
     reloaded and compared with the checkpoint. The folder appears only when complete.
     """
+    check_output(output, {"--checkpoint": checkpoint, "--vocab": vocab, "--config": config}, overwrite)
     original_config = json.loads(Path(config).read_text(encoding="utf-8")) if config is not None else {}
     state_dict, memory_mapped = open_original_checkpoint(checkpoint)
     model_config = chat_config_from_checkpoint(state_dict, original_config)
@@ -256,7 +258,7 @@ def chat_to_original(folder: str | Path, output: str | Path) -> Path:
 def chat_pivot(folder: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """A converted VisCPM-Chat folder's CPM-Bee (its MpM pivot, `llm`) with its tokenizer, as a folder that
     `AutoModelForCausalLM` and `AutoTokenizer` load."""
-    output = Path(output)
+    output = check_output(output, {"folder": folder}, overwrite)
     with staged_output(output, overwrite) as staging:
         VisCPMChatForConditionalGeneration.from_pretrained(folder).llm.save_pretrained(staging)
         CpmBeeTokenizer.from_pretrained(folder).save_pretrained(staging)

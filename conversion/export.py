@@ -15,6 +15,8 @@ import ctypes
 import ctypes.util
 import json
 import mmap
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -230,22 +232,107 @@ def render_model_card(values: Mapping[str, str], template: Path = MODEL_CARD_TEM
     return text
 
 
+# A folder being written for `output` is a sibling named `.{output.name}.viscpm-partial-{pid}-{random}`: the pid says
+# whether the run that made it is still alive, so a later run knows which ones a killed run left behind.
+PARTIAL = re.compile(r"^\.(?P<name>.+)\.viscpm-partial-(?P<pid>\d+)-[^.]+$")
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths in one step
+_AT_FDCWD = -100
+
+
+def check_output(output: str | Path, inputs: Mapping[str, str | Path | None], overwrite: bool) -> Path:
+    """Refuse, before any work, an ``output`` folder whose writing (or ``overwrite``) would destroy something: one
+    that is or holds an input (``inputs`` maps each input's flag to its path), lies inside an input folder, is or
+    holds the home or current folder, or is a symbolic link; an existing one without ``overwrite``."""
+    output = Path(output)
+    if output.is_symlink():
+        raise ValueError(f"--output {output} is a symbolic link: give the real folder's path, or a new one")
+    target = output.resolve()
+    for what, folder in (("your home folder", Path.home()), ("the current folder", Path.cwd())):
+        if folder.resolve().is_relative_to(target):
+            raise ValueError(f"--output {output} is or holds {what}, which --overwrite would delete: name a new folder")
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
+            raise ValueError(
+                f"--output {output} would hold or replace {flag} {path}: write the converted model to a folder of "
+                "its own, outside the inputs"
+            )
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder: choose another --output")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists: choose another --output or pass --overwrite")
+    return output
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clear_killed_runs(output: Path) -> None:
+    """Remove what killed runs for ``output`` left beside it: half-written folders, and old versions a replace had
+    already moved aside. If a run died between moving the old folder aside and moving the new one in (only where the
+    file system cannot swap two paths in one step), the old folder goes back to ``output`` first."""
+    if not output.parent.is_dir():
+        return
+    for sibling in sorted(output.parent.iterdir()):
+        match = PARTIAL.match(sibling.name)
+        if not match or match["name"] != output.name or _running(int(match["pid"])):
+            continue
+        if sibling.name.endswith("-old") and not output.exists():
+            sibling.rename(output)
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _swap(staging: Path, output: Path) -> None:
+    """Put ``staging`` at ``output``, the old ``output`` at ``staging``; at every instant one of them is at ``output``
+    (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, which `clear_killed_runs` repairs if cut between)."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, bytes(staging), _AT_FDCWD, bytes(output), _RENAME_EXCHANGE) == 0:
+            return
+    aside = staging.with_name(staging.name + "-old")
+    output.rename(aside)
+    staging.rename(output)
+    aside.rename(staging)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder next to ``output`` that replaces it only once the block completes."""
+    """A new folder beside ``output`` that replaces it only once the block completes (call `check_output` first).
+
+    The replace swaps the complete new folder with the old one and then deletes the old one, so that a kill at any
+    instant leaves a complete folder at ``output``, the old or the new; what a killed run leaves beside it is removed
+    by the next run (`clear_killed_runs`). The folder gets the permissions of the umask, as `mkdir` would give."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists: choose another --output or pass --overwrite")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    clear_killed_runs(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.viscpm-partial-{os.getpid()}-", dir=output.parent))
     try:
+        staging.chmod(0o777 & ~_umask())
         yield staging
         if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
+            _swap(staging, output)
+        else:
+            staging.rename(output)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_original_extras(

@@ -32,6 +32,7 @@ from .checkpoint import (
     require_tensor,
 )
 from .export import (
+    check_output,
     parse_dtype,
     render_model_card,
     staged_output,
@@ -266,6 +267,8 @@ def convert_paint(
     ``dtype`` is `fp16`, `bf16` or `fp32` for the text encoder and UNet (default: the checkpoint's); the VAE is written
     as ``vae_dir`` holds it. With ``verify`` the written weights are reloaded and compared with the checkpoint.
     """
+    inputs = {"--checkpoint": checkpoint, "--vocab": vocab, "--vae": vae_dir, "--config": config}
+    check_output(output, inputs, overwrite)
     original = json.loads(Path(config).read_text(encoding="utf-8")) if config is not None else {}
     state_dict, _ = open_original_checkpoint(checkpoint)
     weight_dtype = parse_dtype(dtype, state_dict)

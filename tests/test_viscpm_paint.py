@@ -301,8 +301,10 @@ def test_conversion_errors_are_clear(golden_dir, tmp_path):
     checkpoint = only_checkpoint(paint)
     with pytest.raises(CheckpointError, match="VisCPM-Paint checkpoint"):
         convert_paint(only_checkpoint(golden_dir / "chat"), vocab, paint / "vae", tmp_path / "out")
+    not_a_vae = tmp_path / "empty"
+    not_a_vae.mkdir()
     with pytest.raises(CheckpointError, match="AutoencoderKL"):
-        convert_paint(checkpoint, vocab, tmp_path, tmp_path / "out")
+        convert_paint(checkpoint, vocab, not_a_vae, tmp_path / "out")
     small_vocab = tmp_path / "vocab.txt"
     small_vocab.write_text("\n".join(["<pad>", "<unk>", "<mask>", "<s>", "</s>"]), encoding="utf-8")
     with pytest.raises(CheckpointError, match="vocabulary"):

@@ -130,8 +130,6 @@ def _convert(args: argparse.Namespace, to_hub: Callable, to_original: Callable) 
         for flag, path in (("--checkpoint", args.checkpoint), ("--vocab", args.vocab), ("--config", args.config)):
             if path is not None and not path.is_file():
                 raise CommandError(f"{flag} {path}: no such file")
-        if args.output.exists() and not args.output.is_dir():
-            raise CommandError(f"--output {args.output} is a file, not a folder: choose another --output")
         output = to_hub(args)
     except json.JSONDecodeError as error:
         raise CommandError(f"--config {args.config} is not valid JSON: {error}") from error
