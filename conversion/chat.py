@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from transformers.dynamic_module_utils import custom_object_save
 
 from ..modeling.configuration_beit3 import Beit3VisionConfig
 from ..modeling.configuration_viscpm_chat import VisCPMChatConfig
@@ -35,10 +36,7 @@ from .checkpoint import (
     require_tensor,
 )
 from .export import (
-    add_auto_map,
-    auto_map_modules,
     check_output,
-    copy_remote_code,
     parse_dtype,
     render_model_card,
     staged_output,
@@ -107,26 +105,6 @@ def chat_config_from_checkpoint(
         query_num=require_tensor(state_dict, "query").shape[0],
     )
 
-
-# (file, section or None, auto_map): the Auto classes of the remote code copied into the folder
-CHAT_AUTO_MAP = [
-    (
-        "config.json",
-        None,
-        {
-            "AutoConfig": "configuration_viscpm_chat.VisCPMChatConfig",
-            "AutoModel": "modeling_viscpm_chat.VisCPMChatForConditionalGeneration",
-            "AutoModelForImageTextToText": "modeling_viscpm_chat.VisCPMChatForConditionalGeneration",
-        },
-    ),
-    ("tokenizer_config.json", None, {"AutoTokenizer": ["tokenization_cpmbee.CpmBeeTokenizer", None]}),
-    ("processor_config.json", None, {"AutoProcessor": "processing_viscpm_chat.VisCPMChatProcessor"}),
-    (
-        "processor_config.json",
-        "image_processor",
-        {"AutoImageProcessor": "image_processing_viscpm_chat.VisCPMChatImageProcessor"},
-    ),
-]
 
 CHAT_CARD = {
     "library_name": "transformers",
@@ -234,15 +212,16 @@ def convert_chat(
     )
 
     with staged_output(output, overwrite) as staging:
+        # the model files and auto_map entries, as the model's own save_pretrained writes them (its weights are
+        # streamed from the checkpoint instead)
+        custom_object_save(model, staging, config=model_config)
+        model.name_second_auto_class()
         model_config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         processor.save_pretrained(staging)
         write_weights(staging, weights, weight_dtype, max_shard_size, release=memory_mapped)
         source_dtypes = {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state_dict.items()}
         write_original_extras(staging, extras, source_dtypes, release=memory_mapped)
-        for filename, section, auto_map in CHAT_AUTO_MAP:
-            add_auto_map(staging / filename, auto_map, section)
-        copy_remote_code(staging, auto_map_modules(auto_map for _, _, auto_map in CHAT_AUTO_MAP))
         card = {**CHAT_CARD, "model_name": model_name, "usage": CHAT_CARD["usage"].format(repo=model_name)}
         (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
         if verify:

@@ -27,9 +27,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers.dynamic_module_utils import get_relative_import_files
 
-from .. import modeling
 from .checkpoint import CheckpointError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -188,35 +186,6 @@ def verify_weights(
     missing = sorted(set(weights) - seen)
     if mismatched or missing:
         raise CheckpointError(f"verification failed: written tensors differ {mismatched[:10]}, missing {missing[:10]}")
-
-
-def copy_remote_code(output: Path, entry_files: list[str]) -> None:
-    """The model files themselves (the entry files and everything they import, as transformers resolves it), so that
-    `trust_remote_code=True` loads the folder without viscpm installed."""
-    source_dir = Path(modeling.__file__).resolve().parent
-    needed = set()
-    for name in entry_files:
-        needed |= {Path(name).name, *(Path(path).name for path in get_relative_import_files(source_dir / name))}
-    for name in sorted(needed):
-        shutil.copy2(source_dir / name, output / name)
-
-
-def auto_map_modules(auto_maps) -> list[str]:
-    """The module files that `auto_map` entries name (`"module.Class"`, or `[slow, fast]` for tokenizers)."""
-    references = []
-    for auto_map in auto_maps:
-        for value in auto_map.values():
-            references += [value] if isinstance(value, str) else [item for item in value if item]
-    return sorted({reference.split(".")[0] + ".py" for reference in references})
-
-
-def add_auto_map(json_file: Path, auto_map: dict, section: str | None = None) -> None:
-    """Point transformers' Auto classes at the copied model files, in ``json_file`` (or one of its sections, e.g.
-    the image processor inside `processor_config.json`)."""
-    data = json.loads(json_file.read_text(encoding="utf-8"))
-    target = data if section is None else data[section]
-    target["auto_map"] = {**target.get("auto_map", {}), **auto_map}
-    json_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def render_model_card(values: Mapping[str, str], template: Path = MODEL_CARD_TEMPLATE) -> str:

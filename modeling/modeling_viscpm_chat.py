@@ -112,6 +112,18 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
     def get_output_embeddings(self):
         return self.llm.get_output_embeddings()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.name_second_auto_class()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def name_second_auto_class(self) -> None:
+        """`register_for_auto_class` puts one Auto class (AutoModel) in the config's `auto_map`; the model answers
+        AutoModelForImageTextToText too, which a folder loaded as remote code needs to name as well."""
+        if self._auto_class is not None:
+            reference = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModelForImageTextToText": reference}
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image features in CPM-Bee's width, one per query: (batch, query_num, dim_model)."""
         pixel_values = pixel_values.to(self.query.dtype)

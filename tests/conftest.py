@@ -12,6 +12,8 @@ that folder's cases.
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +133,28 @@ def converted_golden_chat(golden_dir, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("golden-chat") / "converted"
     convert_chat(checkpoint, golden_dir / "vocab" / "bee.txt", output, config=golden_dir / "chat" / "config.json")
     return output
+
+
+def chat_as_remote_code(folder: Path, image: Path, question: str, workdir: Path, max_new_tokens: int = 6) -> dict:
+    """Load ``folder`` with ``trust_remote_code=True`` in a fresh process where viscpm cannot be imported, as on a
+    machine without it, and ask one question: {"answer", "ids", "modules"} (the classes' modules)."""
+    script = f"""
+import json, sys, torch
+sys.modules["viscpm"] = None  # `import viscpm` fails from here on
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+folder = {str(folder)!r}
+model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+other = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+answer, _, _, ids = model.chat(Image.open({str(image)!r}), {question!r}, processor, num_beams=1,
+                               max_new_tokens={max_new_tokens}, return_token_ids=True)
+modules = [type(obj).__module__ for obj in (model, other, processor, processor.tokenizer, processor.image_processor)]
+print(json.dumps({{"answer": answer, "ids": ids, "modules": modules}}))
+"""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, cwd=workdir, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

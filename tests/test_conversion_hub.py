@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 
+from conftest import chat_as_remote_code
 from viscpm.conversion.chat import chat_to_original, convert_chat
 from viscpm.conversion.checkpoint import CheckpointError, CheckpointMismatchError
 from viscpm.conversion.export import EXTRAS_FILE, WEIGHTS_INDEX, verify_weights, weight_files
@@ -95,6 +96,23 @@ print(json.dumps({{"answer": answer, "ids": ids, "states": states.flatten().toli
     )
     assert (remote["answer"], remote["ids"]) == (answer, ids)
     torch.testing.assert_close(torch.tensor(remote["states"]), states.flatten(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_natively_loaded_and_saved_model_keeps_its_remote_code(sharded, golden_dir, tmp_path):
+    """save_pretrained after a native load (viscpm imported) writes the model files and every auto_map entry:
+    the folder still loads where viscpm cannot be imported, and answers the same."""
+    image = sorted((golden_dir / "chat" / "images").iterdir())[0]
+    model = AutoModel.from_pretrained(sharded, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(sharded)
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    answer, _, _, ids = model.chat(
+        Image.open(image), "What is in the image?", processor, num_beams=1, max_new_tokens=6, return_token_ids=True
+    )
+    remote = chat_as_remote_code(tmp_path / "saved", image, "What is in the image?", tmp_path)
+    assert (remote["answer"], remote["ids"]) == (answer, ids)
+    assert all(module.startswith("transformers_modules.") for module in remote["modules"]), remote["modules"]
 
 
 def test_model_card(sharded):

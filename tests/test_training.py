@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-from conftest import REPO_ROOT, load_json
+from conftest import REPO_ROOT, chat_as_remote_code, load_json
 from tiny_models import tiny_chat, tiny_pipeline
 from viscpm.cli import main
 from viscpm.training.data import (
@@ -284,6 +284,18 @@ def falls(losses: list[float]) -> bool:
     return np.mean(losses[-2:]) < 0.9 * losses[0]
 
 
+def assert_answers_alike_as_remote_code(folder: Path, tmp_path: Path) -> None:
+    """A saved folder (final, merged) loads where viscpm cannot be imported, and answers as it does natively."""
+    image = tmp_path / "red.png"
+    colour_image("red").save(image)
+    model, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    answer, _, _, ids = model.chat(
+        str(image), "what ?", processor, num_beams=1, max_new_tokens=4, return_token_ids=True
+    )
+    remote = chat_as_remote_code(folder, image, "what ?", tmp_path, max_new_tokens=4)
+    assert (remote["answer"], remote["ids"]) == (answer, ids)
+
+
 def test_chat_pretrain_trains_the_queries_and_language_experts_only(tmp_path):
     folder = chat_folder(tmp_path)
     before = state(AutoModel.from_pretrained(folder))
@@ -297,7 +309,9 @@ def test_chat_pretrain_trains_the_queries_and_language_experts_only(tmp_path):
     trained = ["query", "mapping.0.weight", "vpm.encoder.layers.0.ffn.text.fc1.weight"]
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
     assert all(not torch.equal(before[n], after[n]) for n in trained)
-    assert AutoProcessor.from_pretrained(summary["saved"]).query_num == 4
+    processor = AutoProcessor.from_pretrained(summary["saved"])
+    assert processor.query_num == 4
+    assert_answers_alike_as_remote_code(Path(summary["saved"]), tmp_path)
 
 
 def test_chat_sft_trains_everything_but_the_patch_embedding(tmp_path):
@@ -340,6 +354,8 @@ def test_lora_adapter_saves_reloads_and_merges(tmp_path, quantization):
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted_logits, rtol=1e-4, atol=1e-4)
     assert AutoProcessor.from_pretrained(tmp_path / "merged").query_num == 4
+    if quantization is None:
+        assert_answers_alike_as_remote_code(tmp_path / "merged", tmp_path)
 
 
 def paint_folder(tmp_path: Path) -> Path:

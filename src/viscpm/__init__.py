@@ -95,6 +95,21 @@ def register_auto_classes() -> None:
     AutoImageProcessor.register(VisCPMChatConfig, slow_image_processor_class=VisCPMChatImageProcessor, exist_ok=True)
     AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
 
+    # every save_pretrained writes the model files and the auto_map entries that load them as Hub remote code, so a
+    # saved folder (converted, fine-tuned, merged) loads with trust_remote_code=True where viscpm is not installed
+    for config in (CpmBeeConfig, Beit3VisionConfig, VisCPMChatConfig):
+        config.register_for_auto_class()
+    for model, auto_class in (
+        (CpmBeeModel, "AutoModel"),
+        (CpmBeeForCausalLM, "AutoModelForCausalLM"),
+        (Beit3VisionModel, "AutoModel"),
+        (VisCPMChatForConditionalGeneration, "AutoModel"),
+        (CpmBeeTokenizer, "AutoTokenizer"),
+        (VisCPMChatImageProcessor, "AutoImageProcessor"),
+        (VisCPMChatProcessor, "AutoProcessor"),
+    ):
+        model.register_for_auto_class(auto_class)
+
 
 class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):
     """Runs `register_auto_classes()` right after the first `import transformers` of the process completes."""
