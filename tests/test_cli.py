@@ -8,6 +8,7 @@ the converted folder.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, load_json
+from viscpm import defaults
 from viscpm.cli import build_parser, main
 from viscpm.conversion.chat import convert_chat
 
@@ -345,3 +347,47 @@ def test_convert_chat_vocab_of_the_wrong_size(capsys, golden_dir, chat_checkpoin
     code, out, err = run_cli(capsys, *convert_argv(chat_checkpoint, vocab, output))
     assert_one_error_line(code, out, err, str(vocab), "tokens", "rows")
     assert sorted(tmp_path.iterdir()) == [vocab]
+
+
+# ------------------------------------------------------------------------------------ careless input (issue 16)
+
+
+@pytest.mark.parametrize("command", [["chat", "--image", "x.png", "--question", "q"], ["paint", "a", "-o", "x.png"]])
+@pytest.mark.parametrize("seed", ["100000000000000000000000", "-1"])
+def test_a_seed_out_of_range_is_a_usage_error(capsys, command, seed):
+    code, out, err = run_cli(capsys, *command, "--seed", seed)
+    assert code == 2 and out == "" and "argument --seed: expected a seed from 0 to 2**64 - 1" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("output", ["x.xyz", "noextension", "/proc/viscpm/x.png"])
+def test_paint_refuses_an_output_it_could_not_write_before_drawing(capsys, tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "paint", "一个红色的圆形", "--steps", "1", "-o", output)
+    assert_one_error_line(code, out, err, "-o", output)
+
+
+def broken_copy(tmp_path: Path, break_it) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(defaults.CHAT, folder)
+    break_it(folder)
+    return folder
+
+
+def truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def config_value_of_the_wrong_type(folder: Path) -> None:
+    config = load_json(folder / "config.json")
+    config["query_num"] = "many"
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+@pytest.mark.parametrize("break_it", [truncate_weights, config_value_of_the_wrong_type])
+def test_a_broken_model_folder_is_one_error_line(capsys, tmp_path, break_it):
+    folder = broken_copy(tmp_path, break_it)
+    image = REPO_ROOT / "examples" / "circle.png"
+    code, out, err = run_cli(capsys, "chat", "--model", folder, "--image", image, "--question", "图中是什么形状？")
+    assert_one_error_line(code, out, err, str(folder), "cannot load")

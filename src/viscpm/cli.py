@@ -15,6 +15,7 @@ in a traceback.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -48,6 +49,16 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+SEED_LIMIT = 2**64  # torch's generators take seeds below this
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {text}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------- convert
@@ -207,6 +218,15 @@ def _quiet_bitsandbytes(verbose: bool):
         bitsandbytes_logger.setLevel(level)
 
 
+def _load(what: str, load: Callable, folder: Path):
+    """`load(folder)`. A folder the user names can fail to load in many ways (truncated weights, a config value of
+    the wrong type, a missing file): each ends in one line naming the folder and the cause."""
+    try:
+        return load(folder)
+    except Exception as error:
+        raise CommandError(f"--model {folder}: cannot load the {what} ({type(error).__name__}: {error})") from error
+
+
 def _add_verbose_argument(parser) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="show the libraries' model-loading progress bars and warnings"
@@ -239,7 +259,7 @@ def _add_chat_parser(subcommands) -> None:
     chat.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="most tokens to generate")
     chat.add_argument("--num-beams", type=_positive_int, metavar="N", help="beams of the beam search (1: greedy)")
     chat.add_argument("--do-sample", action="store_true", help="sample instead of searching")
-    chat.add_argument("--seed", type=_int, metavar="S", help="seed torch's random generator (for --do-sample)")
+    chat.add_argument("--seed", type=_seed, metavar="S", help="seed torch's random generator (for --do-sample)")
     chat.add_argument(
         "--json",
         action="store_true",
@@ -312,10 +332,7 @@ def _answer(args: argparse.Namespace) -> int:
 
     from .modeling.image_processing_viscpm_chat import InvalidImageError, load_image
 
-    try:
-        processor = AutoProcessor.from_pretrained(args.model)
-    except (OSError, ValueError, TypeError) as error:
-        raise CommandError(f"--model {args.model}: cannot load the processor ({error})") from error
+    processor = _load("processor", AutoProcessor.from_pretrained, args.model)
     try:
         # the folder's own pixel limit, if it has one
         image_processor = getattr(processor, "image_processor", None)
@@ -327,11 +344,7 @@ def _answer(args: argparse.Namespace) -> int:
         processor(text=args.question, context=args.context)
     except ValueError as error:
         raise CommandError(str(error)) from error
-    try:
-        model = AutoModel.from_pretrained(args.model, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"--model {args.model}: cannot load the model ({error})") from error
-    model.eval()
+    model = _load("model", functools.partial(AutoModel.from_pretrained, dtype=torch.float32), args.model).eval()
 
     overrides = {}
     if args.max_new_tokens is not None:
@@ -369,7 +382,7 @@ def _add_paint_parser(subcommands) -> None:
     paint.add_argument("-o", "--output", required=True, type=Path, metavar="PNG", help="image file to write")
     paint.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     paint.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="denoising steps (default 50)")
-    paint.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
+    paint.add_argument("--seed", type=_seed, default=None, metavar="S", help="random seed")
     paint.add_argument("--guidance", type=float, default=7.5, metavar="G", help="guidance scale (default 7.5)")
     paint.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="images to draw")
     paint.add_argument("--height", type=_positive_int, metavar="H", help="image height (default: the model's)")
@@ -391,10 +404,8 @@ def _draw(args: argparse.Namespace) -> int:
 
     from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 
-    try:
-        pipeline = VisCPMPaintPipeline.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"--model {args.model}: cannot load the pipeline ({error})") from error
+    paths = _image_paths(args.output, args.num_images)
+    pipeline = _load("pipeline", VisCPMPaintPipeline.from_pretrained, args.model)
     generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
     try:
         images = pipeline(
@@ -409,14 +420,33 @@ def _draw(args: argparse.Namespace) -> int:
         ).images
     except ValueError as error:
         raise CommandError(str(error)) from error
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [args.output] if len(images) == 1 else [
-        args.output.with_name(f"{args.output.stem}-{index}{args.output.suffix}") for index in range(len(images))
-    ]  # fmt: skip
     for image, path in zip(images, paths):
-        image.save(path)
+        try:
+            image.save(path)
+        except OSError as error:
+            raise CommandError(f"-o {args.output}: cannot write {path} ({error})") from error
         print(path)
     return 0
+
+
+def _image_paths(output: Path, count: int) -> list[Path]:
+    """Where `paint` writes its images, checked before any work: a format PIL writes, a folder that takes files."""
+    import tempfile
+
+    from PIL import Image
+
+    extension = output.suffix.lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise CommandError(f"-o {output}: {extension or 'no extension'} is not an image format to write (use .png)")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as error:
+        raise CommandError(f"-o {output}: cannot write into {output.parent} ({error.strerror or error})") from error
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
 
 
 # ------------------------------------------------------------------------------------------------------------ train
