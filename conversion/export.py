@@ -155,6 +155,15 @@ def weight_files(folder: Path, stem: str = "model") -> list[Path]:
     return [folder / f"{stem}.safetensors"]
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: a NaN the checkpoint holds is written as read, and must verify as such."""
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
+
+
 def verify_weights(
     output: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, release: bool, stem: str = "model"
 ) -> None:
@@ -174,7 +183,7 @@ def verify_weights(
             for chunk in row_chunks(source.contiguous()):
                 with safe_open(path, framework="pt") as shard:
                     written = shard.get_slice(key)[start : start + len(chunk)] if chunk.dim() else shard.get_tensor(key)
-                if not torch.equal(written, chunk.to(dtype)):
+                if not same_bits(written, chunk.to(dtype)):
                     mismatched.append(key)
                     break
                 start += len(chunk) if chunk.dim() else 0

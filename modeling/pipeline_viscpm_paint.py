@@ -211,9 +211,20 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         if kwargs.get("push_to_hub"):
             # diffusers would upload before the code is added
             raise ValueError("save first, then upload the folder (`huggingface_hub.upload_folder`)")
-        super().save_pretrained(save_directory, **kwargs)
         if not remote_code:
+            # a component whose class viscpm registered for an Auto class (the tokenizer) would write its code too
+            registered = [
+                component for component in self.components.values() if getattr(component, "_auto_class", None)
+            ]
+            for part in registered:
+                part._auto_class = None
+            try:
+                super().save_pretrained(save_directory, **kwargs)
+            finally:
+                for part in registered:
+                    del part._auto_class
             return
+        super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         code = Path(__file__).resolve().parent
         for filename in PIPELINE_FILES:

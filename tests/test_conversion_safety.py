@@ -1,14 +1,19 @@
 """A conversion never destroys a user's files: outputs that would swallow an input, the home or the current folder are
 refused before any work; `--overwrite` replaces crash-safely; killed runs leave nothing behind for good."""
 
+import errno
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModel
 
 from viscpm.cli import main
 from viscpm.conversion import export
+from viscpm.conversion.chat import chat_key, convert_chat
 from viscpm.conversion.export import check_output, clear_killed_runs, staged_output
 
 
@@ -132,3 +137,32 @@ def test_a_replace_swaps_in_the_new_folder_with_the_umask_permissions(tmp_path):
     assert set(listing(output).values()) == {b"new"} and len(listing(output)) == 5
     assert output.stat().st_mode & 0o777 == 0o755
     assert not stale.exists() and alive.exists()
+
+
+@pytest.mark.golden
+def test_a_nan_in_the_checkpoint_is_converted_as_it_is(sources, tmp_path):
+    """Verification compares bits: a NaN read from the checkpoint verifies (it used to be "verification failed")."""
+    state = torch.load(sources / "x.pt", weights_only=True)
+    key = next(key for key in state if key.startswith("llm.") and state[key].dim() == 2)
+    state[key][0, 0] = float("nan")
+    torch.save(state, sources / "x.pt")
+    convert_chat(sources / "x.pt", sources / "bee.txt", tmp_path / "out", config=sources / "config.json")
+    assert torch.isnan(AutoModel.from_pretrained(tmp_path / "out").state_dict()[chat_key(key)][0, 0])
+
+
+@pytest.mark.golden
+def test_a_full_disk_and_a_config_value_of_the_wrong_type_are_one_line(sources, tmp_path, capsys, monkeypatch):
+    argv = ["convert", "chat", "--checkpoint", str(sources / "x.pt"), "--vocab", str(sources / "bee.txt")]
+    config = json.loads((sources / "config.json").read_text())
+    config["cpmbee"]["position_bias_num_buckets"] = None  # the weights cannot tell this one
+    (tmp_path / "null.json").write_text(json.dumps(config))
+    assert main([*argv, "--config", str(tmp_path / "null.json"), "--output", str(tmp_path / "a")]) == 2
+    assert "--config" in one_error_line(capsys)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "b" / "model.safetensors"))
+
+    monkeypatch.setattr("viscpm.conversion.chat.write_weights", disk_full)
+    assert main([*argv, "--config", str(sources / "config.json"), "--output", str(tmp_path / "b")]) == 2
+    assert "No space left on device" in one_error_line(capsys)
+    assert not (tmp_path / "b").exists() and not [path for path in tmp_path.iterdir() if "partial" in path.name]

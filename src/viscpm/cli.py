@@ -146,6 +146,12 @@ def _convert(args: argparse.Namespace, to_hub: Callable, to_original: Callable) 
         raise CommandError(f"--config {args.config} is not valid JSON: {error}") from error
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
+    except OSError as error:  # a full disk, a folder that cannot be written
+        raise CommandError(f"--output {args.output}: {error.strerror or error} ({error.filename or ''})") from error
+    except (TypeError, KeyError) as error:
+        if args.config is None:
+            raise
+        raise CommandError(f"--config {args.config}: a value is missing or of the wrong type ({error})") from error
     print(f"converted {args.checkpoint} to {output}")
     return 0
 
