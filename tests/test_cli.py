@@ -391,3 +391,11 @@ def test_a_broken_model_folder_is_one_error_line(capsys, tmp_path, break_it):
     image = REPO_ROOT / "examples" / "circle.png"
     code, out, err = run_cli(capsys, "chat", "--model", folder, "--image", image, "--question", "图中是什么形状？")
     assert_one_error_line(code, out, err, str(folder), "cannot load")
+
+
+@pytest.mark.parametrize("size", [["--height", "100000", "--width", "100000"], ["--num-images", "100000"]])
+def test_paint_refuses_work_beyond_its_budget_before_drawing(capsys, tmp_path, size):
+    """`--height 100000 --width 100000` grew to 23 GB before the OOM killer ended it."""
+    code, out, err = run_cli(capsys, "paint", "一个红色的圆形", *size, "-o", tmp_path / "x.png")
+    assert_one_error_line(code, out, err, "pixel-steps", "--max-pixel-steps")
+    assert not (tmp_path / "x.png").exists()

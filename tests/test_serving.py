@@ -35,7 +35,9 @@ def server(tmp_path_factory):
     model.save_pretrained(folder / "chat")
     processor.save_pretrained(folder / "chat")
     tiny_pipeline(folder).save_pretrained(folder / "paint")
-    service = VisCPMService(folder / "chat", folder / "paint", Limits(max_image_bytes=50_000), paint_steps=2)
+    # a budget of two 32 x 32 images at 2 steps
+    limits = Limits(max_image_bytes=50_000, max_pixel_steps=2 * 32 * 32 * 2)
+    service = VisCPMService(folder / "chat", folder / "paint", limits, paint_steps=2)
     httpd = make_server(service, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -99,6 +101,15 @@ def test_sampling_gives_n_choices(client):
     completion = client.chat.completions.create(model="chat", messages=question(), temperature=1.0, top_p=0.9, n=3,
                                                 max_tokens=3)  # fmt: skip
     assert [choice.index for choice in completion.choices] == [0, 1, 2]
+
+
+def test_images_beyond_the_budget_are_refused_before_drawing(server):
+    """One valid request could hold the model for hours (`{"size": "1024x1024", "n": 4}` on CPU): refused, 400,
+    naming the limit and the flag that raises it."""
+    status, body = post(server, "/v1/images/generations", {"prompt": "a red cat", "n": 3, "size": "32x32"})
+    assert status == 400 and body["error"]["code"] == "over_budget"
+    assert "pixel-steps" in body["error"]["message"] and "--max-pixel-steps" in body["error"]["message"]
+    assert post(server, "/v1/images/generations", {"prompt": "a red cat", "n": 2, "size": "32x32"})[0] == 200
 
 
 def test_images_come_back_as_png_of_the_size_asked(client):

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, defaults
+from . import __version__, budgets, defaults
 
 PROG = "viscpm"
 # exit status of a usage or input error (argparse's own) and of an interrupt (128 + SIGINT)
@@ -393,6 +393,14 @@ def _add_paint_parser(subcommands) -> None:
     paint.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="images to draw")
     paint.add_argument("--height", type=_positive_int, metavar="H", help="image height (default: the model's)")
     paint.add_argument("--width", type=_positive_int, metavar="W", help="image width (default: the model's)")
+    paint.add_argument(
+        "--max-pixel-steps",
+        type=_positive_int,
+        default=budgets.DEFAULT_PAINT_PIXEL_STEPS,
+        metavar="N",
+        help="refuse work beyond height x width x steps x images = N "
+        f"(default {budgets.DEFAULT_PAINT_PIXEL_STEPS:,}: four 512x512 images at 50 steps)",
+    )
     _add_verbose_argument(paint)
     paint.set_defaults(handler=_run_paint)
 
@@ -412,6 +420,13 @@ def _draw(args: argparse.Namespace) -> int:
 
     paths = _image_paths(args.output, args.num_images)
     pipeline = _load("pipeline", VisCPMPaintPipeline.from_pretrained, args.model)
+    height, width = budgets.paint_size(pipeline, args.height, args.width)
+    try:
+        budgets.check_paint_budget(
+            height, width, args.steps, args.num_images, args.max_pixel_steps, "--max-pixel-steps"
+        )
+    except budgets.BudgetError as error:
+        raise CommandError(str(error)) from error
     generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
     try:
         images = pipeline(
@@ -604,18 +619,27 @@ def _add_serve_parser(subcommands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
     serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
+    serve.add_argument(
+        "--max-pixel-steps",
+        type=_positive_int,
+        default=budgets.DEFAULT_PAINT_PIXEL_STEPS,
+        metavar="N",
+        help="refuse image requests beyond height x width x steps x n = N "
+        f"(default {budgets.DEFAULT_PAINT_PIXEL_STEPS:,})",
+    )
     _add_verbose_argument(serve)
     serve.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .serving.server import VisCPMService, make_server
+    from .serving.server import Limits, VisCPMService, make_server
 
     model = _chat_folder(args.model)
     paint_model = _paint_folder(args.paint_model, "--paint-model")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     with _quiet_libraries(args.verbose):
-        service = VisCPMService(model, paint_model, paint_steps=args.paint_steps)
+        limits = Limits(max_pixel_steps=args.max_pixel_steps)
+        service = VisCPMService(model, paint_model, limits=limits, paint_steps=args.paint_steps)
         server = make_server(service, args.host, args.port)
         host, port = server.server_address[:2]
         print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)

@@ -28,6 +28,8 @@ from typing import Any
 
 import PIL.Image
 
+from .. import budgets
+
 logger = logging.getLogger("viscpm.serve")
 DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
 SIZE = re.compile(r"^(?P<width>\d+)x(?P<height>\d+)$")
@@ -85,6 +87,7 @@ class Limits:
     max_new_tokens: int = 512
     max_images: int = 4
     max_image_side: int = 1024
+    max_pixel_steps: int = budgets.DEFAULT_PAINT_PIXEL_STEPS  # `viscpm serve --max-pixel-steps`
 
 
 class VisCPMService:
@@ -280,6 +283,12 @@ class VisCPMService:
                                    f"{multiple} to {self.limits.max_image_side}", param="size",
                                    code="unsupported_size")  # fmt: skip
             width, height = int(match["width"]), int(match["height"])
+        height, width = budgets.paint_size(self.pipeline, height, width)
+        try:
+            budgets.check_paint_budget(height, width, self.paint_steps, n, self.limits.max_pixel_steps,
+                                       "viscpm serve --max-pixel-steps")  # fmt: skip
+        except budgets.BudgetError as error:
+            raise RequestError(str(error), param="size", code="over_budget") from error
         seed = request.get("seed")
         generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else None
         with self.lock:

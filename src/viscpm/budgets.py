@@ -1,0 +1,28 @@
+"""Limits on the work one command or request may ask for, checked before the work starts.
+
+An image's cost grows with its pixels, the denoising steps and the number of images: `viscpm paint --height 100000
+--width 100000` grew until the OOM killer ended it, and one `{"size": "1024x1024", "n": 4}` request held the server's
+model for hours on CPU. Both refuse such work up front, naming the limit and the flag that raises it.
+"""
+
+# pixel-steps: four 512 x 512 images (the released VisCPM-Paint's size) at 50 steps
+DEFAULT_PAINT_PIXEL_STEPS = 4 * 512 * 512 * 50
+
+
+class BudgetError(ValueError):
+    """Work beyond a configured limit."""
+
+
+def paint_size(pipeline, height: int | None, width: int | None) -> tuple[int, int]:
+    """The size `pipeline` draws at when asked for `height` x `width` (None: its default)."""
+    default = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return height or default, width or default
+
+
+def check_paint_budget(height: int, width: int, steps: int, count: int, limit: int, flag: str) -> None:
+    work = height * width * steps * count
+    if work > limit:
+        raise BudgetError(
+            f"{count} image(s) of {width}x{height} at {steps} steps is {work:,} pixel-steps, more than the limit of "
+            f"{limit:,}: draw less, or raise the limit with {flag}"
+        )
