@@ -13,10 +13,10 @@ import argparse
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import json
 import statistics
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,16 +69,14 @@ def one_request(url: str, endpoint: str, payload: bytes) -> tuple[float, bool]:
     return time.perf_counter() - begin, well_formed(status, body)
 
 
-def start_local_server(model: Path | None, paint_model: Path | None, paint_steps: int):
+def local_server(model: Path | None, paint_model: Path | None, paint_steps: int):
+    """A server on the given (or the shipped toy) models in this process: a context manager yielding its URL."""
     sys.path.insert(0, str(REPO / "src"))
     from viscpm import defaults
-    from viscpm.serving.server import VisCPMService, make_server
+    from viscpm.serving.server import VisCPMService, serving_in_thread
 
     service = VisCPMService(model or defaults.CHAT, paint_model or defaults.PAINT, paint_steps=paint_steps)
-    server = make_server(service, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    return server, f"http://{host}:{port}"
+    return serving_in_thread(service)
 
 
 def main() -> int:
@@ -96,10 +94,15 @@ def main() -> int:
     parser.add_argument("--prompt", default="一个红色的圆形", help="the images endpoint's prompt")
     args = parser.parse_args()
 
-    if args.url:
-        server, url = None, args.url.rstrip("/")
-    else:
-        server, url = start_local_server(args.model, args.paint_model, args.paint_steps)
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            url = stack.enter_context(local_server(args.model, args.paint_model, args.paint_steps))
+        return measure(args, url)
+
+
+def measure(args: argparse.Namespace, url: str) -> int:
     if args.endpoint == "chat":
         content = [
             {"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
@@ -114,8 +117,6 @@ def main() -> int:
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         results = list(pool.map(lambda _: one_request(url, args.endpoint, payload), range(args.requests)))
     elapsed = time.perf_counter() - began
-    if server is not None:
-        server.shutdown()
     latencies = sorted(seconds for seconds, _ in results)
     good = sum(ok for _, ok in results)
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99

@@ -5,9 +5,9 @@ import concurrent.futures
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from tiny_models import tiny_chat, tiny_image, tiny_pipeline
 from viscpm.experiments.glossary import ZH
-from viscpm.serving.server import Limits, VisCPMService, make_server
+from viscpm.serving.server import Limits, VisCPMService, serving_in_thread
 
 openai = pytest.importorskip("openai")
 
@@ -36,15 +36,10 @@ def server(tmp_path_factory):
     processor.save_pretrained(folder / "chat")
     tiny_pipeline(folder).save_pretrained(folder / "paint")
     # a budget of two 32 x 32 images at 2 steps
-    limits = Limits(max_image_bytes=50_000, max_pixel_steps=2 * 32 * 32 * 2)
+    limits = Limits(max_request_bytes=1_000_000, max_image_bytes=50_000, max_pixel_steps=2 * 32 * 32 * 2)
     service = VisCPMService(folder / "chat", folder / "paint", limits, paint_steps=2)
-    httpd = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    host, port = httpd.server_address[:2]
-    yield {"url": f"http://{host}:{port}", "service": service, "model": model, "processor": processor}
-    httpd.shutdown()
-    httpd.server_close()
+    with serving_in_thread(service) as url:
+        yield {"url": url, "service": service, "model": model, "processor": processor}
 
 
 @pytest.fixture
@@ -199,3 +194,69 @@ def test_serve_command_answers_chat_and_images_on_the_shipped_defaults():
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+# ------------------------------------------------------------------------------------ hostile clients (issue 16)
+
+
+def raw_exchange(server, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes on one connection and read everything the server answers until it closes (or goes quiet)."""
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as connection:
+        connection.sendall(data)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def test_a_body_over_the_limit_is_refused_and_what_follows_it_is_never_run_as_a_request(server):
+    """After a 413 the unread body was parsed as the next request on the connection (request smuggling)."""
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer = raw_exchange(server, head + b"Content-Length: 2000000\r\n\r\n" + hidden)
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 ") == 1 and b'"object":"list"' not in answer
+
+
+@pytest.mark.parametrize("length", [b"-1", b"abc"])
+def test_a_malformed_content_length_is_a_client_error(server, length):
+    """`Content-Length: -1` used to skip the size limit; `abc` gave a 500."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n"
+    answer = raw_exchange(server, head + b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off(server):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (100_000, b"x" * 100_000)
+    answer = raw_exchange(server, head + chunk * 12 + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "PUT", "DELETE"])
+def test_other_methods_get_an_openai_shaped_error(server, method):
+    request = urllib.request.Request(server["url"] + "/v1/chat/completions", method=method)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request)
+    assert error.value.code == 405
+    if method != "HEAD":
+        assert json.loads(error.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_stream_must_be_a_boolean(server):
+    """`"stream": "false"` used to stream."""
+    status, body = post(server, "/v1/chat/completions", {"messages": question(), "stream": "false"})
+    assert status == 400 and body["error"]["param"] == "stream"
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_any_model_loads(server, capsys):
+    from viscpm.cli import main
+
+    port = server["url"].rsplit(":", 1)[1]
+    assert main(["serve", "--port", port]) == 2
+    assert main(["serve", "--port", "99999"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("viscpm: error: cannot listen on") for line in lines)

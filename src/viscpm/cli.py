@@ -632,21 +632,22 @@ def _add_serve_parser(subcommands) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .serving.server import Limits, VisCPMService, make_server
+    with _needs_extra("the server", "serve"):
+        from .serving.server import Limits, VisCPMService, bind, make_server
 
     model = _chat_folder(args.model)
     paint_model = _paint_folder(args.paint_model, "--paint-model")
+    try:
+        sock = bind(args.host, args.port)  # before the models load: a taken port fails at once
+    except OSError as error:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    with _quiet_libraries(args.verbose):
+    with sock, _quiet_libraries(args.verbose):
         limits = Limits(max_pixel_steps=args.max_pixel_steps)
         service = VisCPMService(model, paint_model, limits=limits, paint_steps=args.paint_steps)
-        server = make_server(service, args.host, args.port)
-        host, port = server.server_address[:2]
+        host, port = sock.getsockname()[:2]
         print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
+        make_server(service, sock).run(sockets=[sock])
     return 0
 
 

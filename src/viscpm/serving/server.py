@@ -4,9 +4,11 @@ Endpoints: `POST /v1/chat/completions` (messages with text and `image_url` parts
 `temperature`, `top_p`, `n`, `stream` as server-sent events), `POST /v1/images/generations` (`prompt`, `n`, `size`,
 `response_format: b64_json`), `GET /v1/models`, `GET /health`.
 
-Built on the standard library's threading HTTP server: every connection has its own thread, and the models sit
-behind one lock, so concurrent requests queue for the model instead of interleaving on it. A request that fails gets
-an OpenAI-shaped error (`{"error": {"message", "type", "param", "code"}}`) with its status code; the server goes on.
+A FastAPI app served by uvicorn (the `serve` extra): the body size is enforced while reading, idle keep-alive
+connections time out, the listen queue is deep and SIGINT / SIGTERM shut down gracefully. Model calls run in worker
+threads behind one lock, so concurrent requests queue for the model instead of interleaving on it. A request that
+fails gets an OpenAI-shaped error (`{"error": {"message", "type", "param", "code"}}`) with its status code, unknown
+paths and methods included; the server goes on.
 """
 
 from __future__ import annotations
@@ -17,16 +19,23 @@ import io
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import budgets
 
@@ -303,120 +312,159 @@ class VisCPMService:
         return {"created": int(time.time()), "data": data}
 
 
-def make_handler(service: VisCPMService):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+# uvicorn's own defaults, named: a listen queue for bursts of clients, and idle keep-alive connections closed
+BACKLOG = 2048
+KEEP_ALIVE_SECONDS = 5
+MAX_CONNECTIONS = 1000  # beyond this uvicorn answers 503 at once instead of holding the connection
 
-        def log_message(self, format, *args):  # noqa: A002  (the base class's name)
-            logger.info("%s %s", self.address_string(), format % args)
 
-        def send_json(self, status: HTTPStatus, body: dict) -> None:
-            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+def error_response(error: RequestError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
 
-        def read_json(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > service.limits.max_request_bytes:
-                raise RequestError(f"the request body is {length} bytes, more than {service.limits.max_request_bytes}",
-                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="request_too_large")  # fmt: skip
-            raw = self.rfile.read(length)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"the request body is not valid JSON: {error}", code="invalid_json") from None
-            if not isinstance(body, dict):
-                raise RequestError("the request body must be a JSON object", code="invalid_json")
-            return body
 
-        def respond(self, work) -> None:
-            try:
-                work()
-            except RequestError as error:
-                self.send_json(error.status, error.body())
-            except BrokenPipeError:
-                pass
-            except Exception as error:  # noqa: BLE001  (one failed request must not take the server down)
-                logger.exception("request failed")
-                failure = RequestError(f"{type(error).__name__}: {error}", HTTPStatus.INTERNAL_SERVER_ERROR)
-                self.send_json(failure.status, failure.body())
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read up to ``limit`` bytes whatever Content-Length says (uvicorn refuses a
+    malformed one itself)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body is {declared} bytes, more than {limit}",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="request_too_large")  # fmt: skip
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise RequestError(f"the request body is more than {limit} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               code="request_too_large")  # fmt: skip
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise RequestError(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
 
-        def do_GET(self):  # noqa: N802  (http.server's naming)
-            def work():
-                if self.path == "/health":
-                    self.send_json(HTTPStatus.OK, {"status": "ok", "chat": service.chat_name is not None,
-                                                   "paint": service.paint_name is not None})  # fmt: skip
-                elif self.path == "/v1/models":
-                    self.send_json(HTTPStatus.OK, service.models())
-                else:
-                    raise RequestError(f"no such endpoint: GET {self.path}", HTTPStatus.NOT_FOUND)
 
-            self.respond(work)
+def make_app(service: VisCPMService) -> FastAPI:
+    """The OpenAI-compatible API as an ASGI app: model calls run in worker threads, behind the service's lock."""
+    app = FastAPI(title="viscpm", docs_url=None, redoc_url=None, openapi_url=None)
 
-        def do_POST(self):  # noqa: N802
-            def work():
-                if self.path == "/v1/chat/completions":
-                    if service.chat_name is None:
-                        raise RequestError("this server has no chat model (start it with --model)",
-                                           HTTPStatus.NOT_FOUND, code="model_not_found")  # fmt: skip
-                    request = self.read_json()
-                    if request.get("stream"):
-                        self.stream_chat(request)
-                    else:
-                        self.send_json(HTTPStatus.OK, service.chat_completion(request))
-                elif self.path == "/v1/images/generations":
-                    if service.paint_name is None:
-                        raise RequestError("this server has no paint model (start it with --paint-model)",
-                                           HTTPStatus.NOT_FOUND, code="model_not_found")  # fmt: skip
-                    self.send_json(HTTPStatus.OK, service.images(self.read_json()))
-                else:
-                    raise RequestError(f"no such endpoint: POST {self.path}", HTTPStatus.NOT_FOUND)
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        return error_response(error)
 
-            self.respond(work)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # unknown paths and methods (HEAD, PUT, ...) answer in the OpenAI shape too
+        message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code in (404, 405) else (
+            str(error.detail))  # fmt: skip
+        return error_response(RequestError(message, HTTPStatus(error.status_code)))
 
-        def stream_chat(self, request: dict) -> None:
-            """Server-sent events: the answer as it is generated, through the model's streamer."""
-            if request.get("n", 1) != 1:
-                raise RequestError("stream supports n = 1 only", param="n")
-            call = StreamedCall(service.processor.tokenizer, lambda streamer: service.chat(request, streamer=streamer))
-            pieces = iter(call)
-            first = next(pieces, None)  # waits for the first piece; a request error is raised here, before any header
-            identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return error_response(RequestError(f"{type(error).__name__}: {error}", HTTPStatus.INTERNAL_SERVER_ERROR))
 
-            def event(delta: dict, finish_reason=None) -> None:
-                chunk = {"id": identifier, "object": "chat.completion.chunk", "created": created,
-                         "model": service.chat_name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}  # fmt: skip
-                self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
-                self.wfile.flush()
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "chat": service.chat_name is not None, "paint": service.paint_name is not None}
 
-            event({"role": "assistant", "content": ""})
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return service.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        if service.chat_name is None:
+            raise RequestError("this server has no chat model (start it with --model)", HTTPStatus.NOT_FOUND,
+                               code="model_not_found")  # fmt: skip
+        body = await read_json(request, service.limits.max_request_bytes)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("stream must be true or false", param="stream")
+        if stream:
+            return await stream_chat(body)
+        return await run_in_threadpool(service.chat_completion, body)
+
+    @app.post("/v1/images/generations")
+    async def images(request: Request):
+        if service.paint_name is None:
+            raise RequestError("this server has no paint model (start it with --paint-model)", HTTPStatus.NOT_FOUND,
+                               code="model_not_found")  # fmt: skip
+        body = await read_json(request, service.limits.max_request_bytes)
+        return await run_in_threadpool(service.images, body)
+
+    async def stream_chat(body: dict) -> StreamingResponse:
+        """Server-sent events: the answer as it is generated, through the model's streamer."""
+        if body.get("n", 1) != 1:
+            raise RequestError("stream supports n = 1 only", param="n")
+        call = StreamedCall(service.processor.tokenizer, lambda streamer: service.chat(body, streamer=streamer))
+        pieces = iter(call)
+        # waits for the first piece: a request error is raised here, before any header
+        first = await run_in_threadpool(next, pieces, None)
+        identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(delta: dict, finish_reason=None) -> str:
+            chunk = {"id": identifier, "object": "chat.completion.chunk", "created": created,
+                     "model": service.chat_name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}  # fmt: skip
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        async def events():
+            yield event({"role": "assistant", "content": ""})
             reason = "stop"
             try:
-                for text in [] if first is None else [first]:
-                    event({"content": text})
-                for text in pieces:
-                    event({"content": text})
+                if first is not None:
+                    yield event({"content": first})
+                async for text in iterate_in_threadpool(pieces):
+                    yield event({"content": text})
                 reason = call.result[0][0][1]
             except Exception:  # noqa: BLE001  (the headers are sent: the stream ends as it is)
                 logger.exception("generation failed while streaming")
-            event({}, finish_reason=reason)
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            yield event({}, finish_reason=reason)
+            yield "data: [DONE]\n\n"
 
-    return Handler
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
 
 
-def make_server(service: VisCPMService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(service))
-    server.daemon_threads = True
-    return server
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any model loads: a port in use or out of range fails at once."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is out of range: give 0 to 65535 (0 picks a free one)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(BACKLOG)
+    return sock
+
+
+def make_server(service: VisCPMService, sock: socket.socket) -> uvicorn.Server:
+    """uvicorn serving `make_app(service)` on ``sock``: `run(sockets=[sock])` blocks until SIGINT / SIGTERM (or
+    `should_exit`), then shuts down gracefully."""
+    config = uvicorn.Config(make_app(service), backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            limit_concurrency=MAX_CONNECTIONS, log_level="warning", lifespan="off")  # fmt: skip
+    return uvicorn.Server(config)
+
+
+@contextmanager
+def serving_in_thread(service: VisCPMService, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve in a background thread (tests, benchmarks): yields the base URL, stops the server on the way out."""
+    sock = bind(host, port)
+    server = make_server(service, sock)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.01)
+    bound_host, bound_port = sock.getsockname()[:2]
+    try:
+        yield f"http://{bound_host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
