@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -260,3 +261,27 @@ def test_serve_on_a_port_in_use_is_one_line_before_any_model_loads(server, capsy
     assert main(["serve", "--port", "99999"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("viscpm: error: cannot listen on") for line in lines)
+
+
+def test_a_cancelled_chat_stops_at_the_next_decoding_step(server):
+    """A client that disconnects sets the request's event: its generation ends at the next step and frees the model
+    (it used to run to the end holding the lock)."""
+    cancelled = threading.Event()
+    cancelled.set()
+    request = {"messages": question(), "max_tokens": 64, "temperature": 0}
+    choices, _ = server["service"].chat(request, cancelled=cancelled)
+    assert choices == [] or choices[0][2] <= 1
+    running = threading.Event()
+    request = {"messages": question(), "max_tokens": 64, "temperature": 0}
+    choices, _ = server["service"].chat(request, cancelled=running)
+    assert choices[0][2] > 1, "the test needs an answer longer than one token"  # not cancelled: answers as usual
+
+
+def test_a_cancelled_image_request_skips_the_remaining_steps(server, monkeypatch):
+    service, calls = server["service"], []
+    unet_forward = service.pipeline.unet.forward
+    monkeypatch.setattr(service.pipeline.unet, "forward", lambda *a, **k: (calls.append(1), unet_forward(*a, **k))[1])
+    cancelled = threading.Event()
+    cancelled.set()
+    service.images({"prompt": "a red cat", "size": "32x32"}, cancelled=cancelled)
+    assert len(calls) <= 1, "denoising went on after the client left"

@@ -13,6 +13,7 @@ paths and methods included; the server goes on.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -31,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import PIL.Image
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import budgets
 
@@ -88,6 +91,16 @@ class StreamedCall:
             raise self.error
 
 
+class Cancelled(StoppingCriteria):
+    """Stops every sequence at the next decoding step once ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Limits:
     max_request_bytes: int = 20 * 2**20
@@ -104,7 +117,6 @@ class VisCPMService:
 
     def __init__(self, chat_model: Path | None, paint_model: Path | None, limits: Limits | None = None,
                  paint_steps: int = 50):  # fmt: skip
-        import torch
         from transformers import AutoModel, AutoProcessor
 
         import viscpm  # noqa: F401  (registers the Auto classes)
@@ -220,8 +232,9 @@ class VisCPMService:
             kwargs.update(do_sample=False, num_beams=1)  # greedy (transformers' streamers refuse beam search)
         return kwargs
 
-    def chat(self, request: dict, streamer=None) -> tuple[list[tuple[str, str]], int]:
-        """Answers (text, finish reason), one per choice, and the prompt's token count."""
+    def chat(self, request: dict, streamer=None, cancelled: threading.Event | None = None):
+        """Answers (text, finish reason, token count), one per choice, and the prompt's token count. Once
+        ``cancelled`` is set (the client went away), generation stops at its next decoding step."""
         image, context, question = self.parse_conversation(request.get("messages"))
         n = request.get("n", 1)
         if not isinstance(n, int) or not 1 <= n <= 8:
@@ -234,9 +247,13 @@ class VisCPMService:
         except ValueError as error:
             raise RequestError(str(error), param="messages") from None
         limit = kwargs.get("max_new_tokens") or self.chat_model.generation_config.max_new_tokens
+        if cancelled is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled(cancelled)])
         choices = []
         with self.lock:
             for _ in range(n):
+                if cancelled is not None and cancelled.is_set():
+                    break
                 answer, _, _, token_ids = self.chat_model.chat(
                     image, question, self.processor, context=context, return_token_ids=True, streamer=streamer,
                     **kwargs,
@@ -245,8 +262,8 @@ class VisCPMService:
                 choices.append((answer, "stop" if ended or limit is None else "length", len(token_ids)))
         return choices, prompt_tokens
 
-    def chat_completion(self, request: dict) -> dict:
-        choices, prompt_tokens = self.chat(request)
+    def chat_completion(self, request: dict, cancelled: threading.Event | None = None) -> dict:
+        choices, prompt_tokens = self.chat(request, cancelled=cancelled)
         completion_tokens = sum(tokens for *_, tokens in choices)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -266,9 +283,8 @@ class VisCPMService:
 
     # --------------------------------------------------------------------------------------------------- paint
 
-    def images(self, request: dict) -> dict:
-        import torch
-
+    def images(self, request: dict, cancelled: threading.Event | None = None) -> dict:
+        """Once ``cancelled`` is set (the client went away), the remaining denoising steps are skipped."""
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("prompt must be a non-empty string", param="prompt")
@@ -300,10 +316,15 @@ class VisCPMService:
             raise RequestError(str(error), param="size", code="over_budget") from error
         seed = request.get("seed")
         generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else None
+
+        def stop_when_cancelled(pipeline, step, timestep, tensors) -> dict:
+            pipeline._interrupt = cancelled is not None and cancelled.is_set()  # diffusers' way to skip steps
+            return {}
+
         with self.lock:
             images = self.pipeline(prompt, negative_prompt=request.get("negative_prompt"), height=height,
                                    width=width, num_inference_steps=self.paint_steps, num_images_per_prompt=n,
-                                   generator=generator).images  # fmt: skip
+                                   generator=generator, callback_on_step_end=stop_when_cancelled).images  # fmt: skip
         data = []
         for image in images:
             buffer = io.BytesIO()
@@ -316,6 +337,7 @@ class VisCPMService:
 BACKLOG = 2048
 KEEP_ALIVE_SECONDS = 5
 MAX_CONNECTIONS = 1000  # beyond this uvicorn answers 503 at once instead of holding the connection
+DISCONNECT_POLL_SECONDS = 0.25  # how often a request waiting for the model checks that its client is still there
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -383,7 +405,7 @@ def make_app(service: VisCPMService) -> FastAPI:
             raise RequestError("stream must be true or false", param="stream")
         if stream:
             return await stream_chat(body)
-        return await run_in_threadpool(service.chat_completion, body)
+        return await while_connected(request, service.chat_completion, body)
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
@@ -391,13 +413,26 @@ def make_app(service: VisCPMService) -> FastAPI:
             raise RequestError("this server has no paint model (start it with --paint-model)", HTTPStatus.NOT_FOUND,
                                code="model_not_found")  # fmt: skip
         body = await read_json(request, service.limits.max_request_bytes)
-        return await run_in_threadpool(service.images, body)
+        return await while_connected(request, service.images, body)
+
+    async def while_connected(request: Request, work, body: dict):
+        """`work(body, cancelled=event)` in a worker thread; the event is set if the client disconnects first."""
+        cancelled = threading.Event()
+        task = asyncio.ensure_future(run_in_threadpool(work, body, cancelled=cancelled))
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                cancelled.set()
+        return task.result()
 
     async def stream_chat(body: dict) -> StreamingResponse:
         """Server-sent events: the answer as it is generated, through the model's streamer."""
         if body.get("n", 1) != 1:
             raise RequestError("stream supports n = 1 only", param="n")
-        call = StreamedCall(service.processor.tokenizer, lambda streamer: service.chat(body, streamer=streamer))
+        cancelled = threading.Event()
+        call = StreamedCall(
+            service.processor.tokenizer, lambda streamer: service.chat(body, streamer=streamer, cancelled=cancelled)
+        )
         pieces = iter(call)
         # waits for the first piece: a request error is raised here, before any header
         first = await run_in_threadpool(next, pieces, None)
@@ -420,6 +455,8 @@ def make_app(service: VisCPMService) -> FastAPI:
                 reason = call.result[0][0][1]
             except Exception:  # noqa: BLE001  (the headers are sent: the stream ends as it is)
                 logger.exception("generation failed while streaming")
+            finally:  # also when the client disconnects (the response is cancelled at a yield): stop generating
+                cancelled.set()
             yield event({}, finish_reason=reason)
             yield "data: [DONE]\n\n"
 
