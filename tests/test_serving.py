@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -285,3 +287,51 @@ def test_a_cancelled_image_request_skips_the_remaining_steps(server, monkeypatch
     cancelled.set()
     service.images({"prompt": "a red cat", "size": "32x32"}, cancelled=cancelled)
     assert len(calls) <= 1, "denoising went on after the client left"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": question(), "temperature": 1e-300}, "temperature"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": ["a"]}}, {"type": "text", "text": "a"}]}]}, "messages"),
+        ("/v1/chat/completions", {"messages": question(), "max_tokens": True}, "max_tokens"),
+        ("/v1/images/generations", {"prompt": "a", "negative_prompt": 5}, "negative_prompt"),
+        ("/v1/images/generations", {"prompt": "<foo_bar> a cat"}, "prompt"),
+        ("/v1/images/generations", {"prompt": "<abc"}, "prompt"),
+        ("/v1/images/generations", {"prompt": "a", "seed": 10**30}, "seed"),
+        ("/v1/images/generations", {"prompt": "a", "n": True}, "n"),
+    ],
+)  # fmt: skip
+def test_client_mistakes_that_gave_500_are_400(server, path, body, param):
+    status, payload = post(server, path, body)
+    assert status == 400 and payload["error"]["param"] == param, payload
+
+
+def test_a_lone_surrogate_in_the_text_gets_an_answer(server):
+    """It used to get no response at all."""
+    status, payload = post(server, "/v1/chat/completions", {"messages": question("\ud800 ?"), "max_tokens": 2})
+    assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_json_nested_deeper_than_python_parses_is_a_400(server):
+    assert post(server, "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000)[0] == 400
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["messages", "role", "content", "type", "text", "image_url", "url", "n", "max_tokens",
+                         "temperature", "top_p", "stream", "prompt", "size", "seed", "negative_prompt"]),
+        children, max_size=5),
+    max_leaves=12,
+), path=st.sampled_from(["/v1/chat/completions", "/v1/images/generations"]))  # fmt: skip
+def test_no_request_body_gets_a_server_error(server, body, path):
+    """Whatever JSON a client sends, the answer is a success or an OpenAI-shaped 4xx, never a 5xx."""
+    if path.endswith("completions") and isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = 2  # keep each generation short
+    status, payload = post(server, path, json.dumps(body).encode())
+    assert status < 500, payload
+    if status >= 400:
+        assert set(payload["error"]) == {"message", "type", "param", "code"}

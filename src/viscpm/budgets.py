@@ -5,6 +5,8 @@ An image's cost grows with its pixels, the denoising steps and the number of ima
 model for hours on CPU. Both refuse such work up front, naming the limit and the flag that raises it.
 """
 
+SEED_LIMIT = 2**64  # torch's generators take seeds below this
+
 # pixel-steps: four 512 x 512 images (the released VisCPM-Paint's size) at 50 steps
 DEFAULT_PAINT_PIXEL_STEPS = 4 * 512 * 512 * 50
 

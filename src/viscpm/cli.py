@@ -51,12 +51,9 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-SEED_LIMIT = 2**64  # torch's generators take seeds below this
-
-
 def _seed(text: str) -> int:
     value = _int(text)
-    if not 0 <= value < SEED_LIMIT:
+    if not 0 <= value < budgets.SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {text}")
     return value
 

@@ -101,6 +101,17 @@ class Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+MIN_TEMPERATURE = 0.01
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no count
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class Limits:
     max_request_bytes: int = 20 * 2**20
@@ -147,7 +158,7 @@ class VisCPMService:
     # ---------------------------------------------------------------------------------------------------- chat
 
     def decode_image(self, url: str) -> PIL.Image.Image:
-        match = DATA_URL.match(url or "")
+        match = DATA_URL.match(url) if isinstance(url, str) else None
         if match is None:
             raise RequestError("image_url must be a data URL (data:image/png;base64,...); the server downloads "
                                "nothing", param="messages", code="invalid_image_url")  # fmt: skip
@@ -216,14 +227,17 @@ class VisCPMService:
         kwargs = {}
         max_tokens = request.get("max_tokens", request.get("max_completion_tokens"))
         if max_tokens is not None:
-            if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.limits.max_new_tokens:
+            if not is_integer(max_tokens) or not 1 <= max_tokens <= self.limits.max_new_tokens:
                 raise RequestError(f"max_tokens must be an integer from 1 to {self.limits.max_new_tokens}",
                                    param="max_tokens")  # fmt: skip
             kwargs["max_new_tokens"] = max_tokens
         temperature, top_p = request.get("temperature"), request.get("top_p")
         for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
-            if value is not None and (not isinstance(value, (int, float)) or not 0 <= value <= high):
+            if value is not None and (not is_number(value) or not 0 <= value <= high):
                 raise RequestError(f"{name} must be a number from 0 to {high}", param=name)
+        if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+            # dividing the logits by less overflows them to inf
+            raise RequestError(f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE} to 2", param="temperature")
         if temperature is not None and temperature > 0:
             kwargs.update(do_sample=True, num_beams=1, temperature=float(temperature))
             if top_p is not None:
@@ -237,7 +251,7 @@ class VisCPMService:
         ``cancelled`` is set (the client went away), generation stops at its next decoding step."""
         image, context, question = self.parse_conversation(request.get("messages"))
         n = request.get("n", 1)
-        if not isinstance(n, int) or not 1 <= n <= 8:
+        if not is_integer(n) or not 1 <= n <= 8:
             raise RequestError("n must be an integer from 1 to 8", param="n")
         kwargs = self.generation_kwargs(request)
         if n > 1 and not kwargs.get("do_sample"):
@@ -289,7 +303,7 @@ class VisCPMService:
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("prompt must be a non-empty string", param="prompt")
         n = request.get("n", 1)
-        if not isinstance(n, int) or not 1 <= n <= self.limits.max_images:
+        if not is_integer(n) or not 1 <= n <= self.limits.max_images:
             raise RequestError(f"n must be an integer from 1 to {self.limits.max_images}", param="n")
         if request.get("response_format", "b64_json") != "b64_json":
             raise RequestError("response_format must be b64_json: this server keeps no files to link to",
@@ -314,17 +328,32 @@ class VisCPMService:
                                        "viscpm serve --max-pixel-steps")  # fmt: skip
         except budgets.BudgetError as error:
             raise RequestError(str(error), param="size", code="over_budget") from error
+        negative_prompt = request.get("negative_prompt")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise RequestError("negative_prompt must be a string", param="negative_prompt")
         seed = request.get("seed")
-        generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else None
+        if seed is not None and (not is_integer(seed) or not 0 <= seed < budgets.SEED_LIMIT):
+            raise RequestError("seed must be an integer from 0 to 2**64 - 1", param="seed")
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
 
         def stop_when_cancelled(pipeline, step, timestep, tensors) -> dict:
             pipeline._interrupt = cancelled is not None and cancelled.is_set()  # diffusers' way to skip steps
             return {}
 
-        with self.lock:
-            images = self.pipeline(prompt, negative_prompt=request.get("negative_prompt"), height=height,
-                                   width=width, num_inference_steps=self.paint_steps, num_images_per_prompt=n,
-                                   generator=generator, callback_on_step_end=stop_when_cancelled).images  # fmt: skip
+        try:
+            with self.lock:
+                images = self.pipeline(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    num_inference_steps=self.paint_steps,
+                    num_images_per_prompt=n,
+                    callback_on_step_end=stop_when_cancelled,
+                ).images
+        except ValueError as error:  # the pipeline's input checks, CPM-Bee markup in the prompts included
+            raise RequestError(str(error), param="prompt") from None
         data = []
         for image in images:
             buffer = io.BytesIO()
