@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO_ROOT, load_json
@@ -399,3 +401,32 @@ def test_paint_refuses_work_beyond_its_budget_before_drawing(capsys, tmp_path, s
     code, out, err = run_cli(capsys, "paint", "一个红色的圆形", *size, "-o", tmp_path / "x.png")
     assert_one_error_line(code, out, err, "pixel-steps", "--max-pixel-steps")
     assert not (tmp_path / "x.png").exists()
+
+
+FUZZ_COMMANDS = {
+    "chat": (["--image", "--question", "--context", "--model", "--num-beams", "--seed"], ["--max-new-tokens", "1"]),
+    "paint": (["--model", "--negative", "--seed", "--guidance", "--height", "--width", "-o"], ["--steps", "1"]),
+    "convert chat": (["--checkpoint", "--vocab", "--config", "--output", "--dtype", "--max-shard-size"], []),
+    "convert paint": (["--checkpoint", "--vocab", "--vae", "--config", "--output"], []),
+    "train chat-sft": (["--config", "--set"], []),
+    "merge-lora": (["--output", "--base"], []),
+}
+fuzz_value = st.one_of(
+    st.text(max_size=12), st.integers(-(2**70), 2**70).map(str), st.sampled_from(["", ".", "/", "/proc", "x.png", "-1"])
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(sorted(FUZZ_COMMANDS)), data=st.data())
+def test_no_command_line_ends_in_a_traceback(capsys, tmp_path, monkeypatch, command, data):
+    """Any flags with any values: exit status 0 or 2, and an error is a `... error: ...` line, never a traceback."""
+    monkeypatch.chdir(tmp_path)
+    flags, quick = FUZZ_COMMANDS[command]
+    chosen = data.draw(st.lists(st.sampled_from(flags), max_size=4, unique=True))
+    argv = command.split() + [item for flag in chosen for item in (flag, data.draw(fuzz_value))]
+    if command == "paint":
+        argv.insert(1, data.draw(st.text(max_size=12)))
+    code, out, err = run_cli(capsys, *argv, *quick)
+    assert code in (0, 2) and "Traceback" not in err, (argv, err)
+    if code == 2:
+        assert "error: " in err.strip().splitlines()[-1], (argv, err)
