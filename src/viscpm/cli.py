@@ -230,6 +230,17 @@ def _load(what: str, load: Callable, folder: Path):
         raise CommandError(f"--model {folder}: cannot load the {what} ({type(error).__name__}: {error})") from error
 
 
+def _add_pixel_budget_argument(parser) -> None:
+    parser.add_argument(
+        "--max-pixel-steps",
+        type=_positive_int,
+        default=budgets.DEFAULT_PAINT_PIXEL_STEPS,
+        metavar="N",
+        help="refuse drawing beyond height x width x steps x images = N, before it starts "
+        f"(default {budgets.DEFAULT_PAINT_PIXEL_STEPS:,}: four 512x512 images at 50 steps)",
+    )
+
+
 def _add_verbose_argument(parser) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="show the libraries' model-loading progress bars and warnings"
@@ -390,14 +401,7 @@ def _add_paint_parser(subcommands) -> None:
     paint.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="images to draw")
     paint.add_argument("--height", type=_positive_int, metavar="H", help="image height (default: the model's)")
     paint.add_argument("--width", type=_positive_int, metavar="W", help="image width (default: the model's)")
-    paint.add_argument(
-        "--max-pixel-steps",
-        type=_positive_int,
-        default=budgets.DEFAULT_PAINT_PIXEL_STEPS,
-        metavar="N",
-        help="refuse work beyond height x width x steps x images = N "
-        f"(default {budgets.DEFAULT_PAINT_PIXEL_STEPS:,}: four 512x512 images at 50 steps)",
-    )
+    _add_pixel_budget_argument(paint)
     _add_verbose_argument(paint)
     paint.set_defaults(handler=_run_paint)
 
@@ -616,14 +620,7 @@ def _add_serve_parser(subcommands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
     serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
-    serve.add_argument(
-        "--max-pixel-steps",
-        type=_positive_int,
-        default=budgets.DEFAULT_PAINT_PIXEL_STEPS,
-        metavar="N",
-        help="refuse image requests beyond height x width x steps x n = N "
-        f"(default {budgets.DEFAULT_PAINT_PIXEL_STEPS:,})",
-    )
+    _add_pixel_budget_argument(serve)
     _add_verbose_argument(serve)
     serve.set_defaults(handler=_run_serve)
 
