@@ -423,12 +423,16 @@ def make_app(service: VisCPMService) -> FastAPI:
     async def models() -> dict:
         return service.models()
 
+    async def body_for(request: Request, model_name: str | None, kind: str, flag: str) -> dict:
+        """The request's JSON body, once the model it asks for is there."""
+        if model_name is None:
+            raise RequestError(f"this server has no {kind} model (start it with {flag})", HTTPStatus.NOT_FOUND,
+                               code="model_not_found")  # fmt: skip
+        return await read_json(request, service.limits.max_request_bytes)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        if service.chat_name is None:
-            raise RequestError("this server has no chat model (start it with --model)", HTTPStatus.NOT_FOUND,
-                               code="model_not_found")  # fmt: skip
-        body = await read_json(request, service.limits.max_request_bytes)
+        body = await body_for(request, service.chat_name, "chat", "--model")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("stream must be true or false", param="stream")
@@ -438,10 +442,7 @@ def make_app(service: VisCPMService) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
-        if service.paint_name is None:
-            raise RequestError("this server has no paint model (start it with --paint-model)", HTTPStatus.NOT_FOUND,
-                               code="model_not_found")  # fmt: skip
-        body = await read_json(request, service.limits.max_request_bytes)
+        body = await body_for(request, service.paint_name, "paint", "--paint-model")
         return await while_connected(request, service.images, body)
 
     async def while_connected(request: Request, work, body: dict):
