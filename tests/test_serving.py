@@ -335,3 +335,10 @@ def test_no_request_body_gets_a_server_error(server, body, path):
     assert status < 500, payload
     if status >= 400:
         assert set(payload["error"]) == {"message", "type", "param", "code"}
+
+
+def test_max_tokens_beyond_the_servers_limit_names_the_flag(server):
+    limit = server["service"].limits.max_new_tokens
+    status, body = post(server, "/v1/chat/completions", {"messages": question(), "max_tokens": limit + 1})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    assert f"from 1 to {limit}" in body["error"]["message"] and "viscpm serve --max-tokens" in body["error"]["message"]

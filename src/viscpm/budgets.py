@@ -7,6 +7,9 @@ model for hours on CPU. Both refuse such work up front, naming the limit and the
 
 SEED_LIMIT = 2**64  # torch's generators take seeds below this
 
+# the most tokens one served chat answer may ask for or get
+DEFAULT_MAX_TOKENS = 512
+
 # pixel-steps: four 512 x 512 images (the released VisCPM-Paint's size) at 50 steps
 DEFAULT_PAINT_PIXEL_STEPS = 4 * 512 * 512 * 50
 

@@ -620,6 +620,13 @@ def _add_serve_parser(subcommands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
     serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
+    serve.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=budgets.DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help=f"the most tokens one chat answer may ask for (max_tokens) or get ({budgets.DEFAULT_MAX_TOKENS})",
+    )
     _add_pixel_budget_argument(serve)
     _add_verbose_argument(serve)
     serve.set_defaults(handler=_run_serve)
@@ -637,7 +644,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     with sock, _quiet_libraries(args.verbose):
-        limits = Limits(max_pixel_steps=args.max_pixel_steps)
+        limits = Limits(max_new_tokens=args.max_tokens, max_pixel_steps=args.max_pixel_steps)
         service = VisCPMService(model, paint_model, limits=limits, paint_steps=args.paint_steps)
         host, port = sock.getsockname()[:2]
         print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)

@@ -117,7 +117,7 @@ class Limits:
     max_request_bytes: int = 20 * 2**20
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
-    max_new_tokens: int = 512
+    max_new_tokens: int = budgets.DEFAULT_MAX_TOKENS  # `viscpm serve --max-tokens`
     max_images: int = 4
     max_image_side: int = 1024
     max_pixel_steps: int = budgets.DEFAULT_PAINT_PIXEL_STEPS  # `viscpm serve --max-pixel-steps`
@@ -226,11 +226,14 @@ class VisCPMService:
     def generation_kwargs(self, request: dict) -> dict:
         kwargs = {}
         max_tokens = request.get("max_tokens", request.get("max_completion_tokens"))
+        limit = self.limits.max_new_tokens
         if max_tokens is not None:
-            if not is_integer(max_tokens) or not 1 <= max_tokens <= self.limits.max_new_tokens:
-                raise RequestError(f"max_tokens must be an integer from 1 to {self.limits.max_new_tokens}",
-                                   param="max_tokens")  # fmt: skip
+            if not is_integer(max_tokens) or not 1 <= max_tokens <= limit:
+                raise RequestError(f"max_tokens must be an integer from 1 to {limit} (the server's limit; raise it "
+                                   "with viscpm serve --max-tokens)", param="max_tokens")  # fmt: skip
             kwargs["max_new_tokens"] = max_tokens
+        else:  # the model's own default, within the server's limit
+            kwargs["max_new_tokens"] = min(self.chat_model.generation_config.max_new_tokens or limit, limit)
         temperature, top_p = request.get("temperature"), request.get("top_p")
         for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
             if value is not None and (not is_number(value) or not 0 <= value <= high):
