@@ -362,11 +362,19 @@ def test_a_seed_out_of_range_is_a_usage_error(capsys, command, seed):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("output", ["x.xyz", "noextension", "/proc/viscpm/x.png"])
+@pytest.mark.parametrize("output", ["x.xyz", "noextension", "/proc/viscpm/x.png", "file.txt/x.png", "new/deep/x.xyz"])
 def test_paint_refuses_an_output_it_could_not_write_before_drawing(capsys, tmp_path, monkeypatch, output):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("mine")
     code, out, err = run_cli(capsys, "paint", "一个红色的圆形", "--steps", "1", "-o", output)
     assert_one_error_line(code, out, err, "-o", output)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt"], "nothing created"
+
+
+def test_paint_creates_the_output_folder_it_needs(capsys, tmp_path):
+    output = tmp_path / "new" / "deep" / "x.png"
+    code, out, err = run_cli(capsys, "paint", "一个红色的圆形", "--steps", "1", "-o", output)
+    assert code == 0 and output.is_file(), err
 
 
 def broken_copy(tmp_path: Path, break_it) -> Path:

@@ -265,18 +265,32 @@ def test_serve_on_a_port_in_use_is_one_line_before_any_model_loads(server, capsy
     assert len(lines) == 2 and all(line.startswith("viscpm: error: cannot listen on") for line in lines)
 
 
+class CancelAfterFirstToken:
+    """A streamer that plays the client leaving while the first generated token comes out."""
+
+    def __init__(self, cancelled: threading.Event):
+        self.cancelled, self.calls = cancelled, 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call is the prompt, the second the first new token
+            self.cancelled.set()
+
+    def end(self) -> None:
+        pass
+
+
 def test_a_cancelled_chat_stops_at_the_next_decoding_step(server):
-    """A client that disconnects sets the request's event: its generation ends at the next step and frees the model
-    (it used to run to the end holding the lock)."""
+    """A client that disconnects mid-answer sets the request's event: its generation ends at the next step and frees
+    the model (it used to run to the end holding the lock)."""
+    request = {"messages": question(), "max_tokens": 64, "temperature": 0}
+    (whole,), _ = server["service"].chat(request)
+    assert whole[2] > 2, "the test needs an answer longer than two tokens"
     cancelled = threading.Event()
-    cancelled.set()
-    request = {"messages": question(), "max_tokens": 64, "temperature": 0}
-    choices, _ = server["service"].chat(request, cancelled=cancelled)
-    assert choices == [] or choices[0][2] <= 1
-    running = threading.Event()
-    request = {"messages": question(), "max_tokens": 64, "temperature": 0}
-    choices, _ = server["service"].chat(request, cancelled=running)
-    assert choices[0][2] > 1, "the test needs an answer longer than one token"  # not cancelled: answers as usual
+    (cut,), _ = server["service"].chat(request, streamer=CancelAfterFirstToken(cancelled), cancelled=cancelled)
+    assert cut[2] <= 2 and cut[1] == "length"
+    # cancelled before it starts: no generation at all
+    assert server["service"].chat(request, cancelled=cancelled)[0] == []
 
 
 def test_a_cancelled_image_request_skips_the_remaining_steps(server, monkeypatch):

@@ -444,6 +444,7 @@ def _draw(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from error
     for image, path in zip(images, paths):
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
         except OSError as error:
             raise CommandError(f"-o {args.output}: cannot write {path} ({error})") from error
@@ -460,12 +461,15 @@ def _image_paths(output: Path, count: int) -> list[Path]:
     extension = output.suffix.lower()
     if Image.registered_extensions().get(extension) not in Image.SAVE:
         raise CommandError(f"-o {output}: {extension or 'no extension'} is not an image format to write (use .png)")
+    # the folders still to create are made once the images exist: probe the nearest one there is
+    existing = next(folder for folder in output.absolute().parents if folder.exists())
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output.parent):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise CommandError(f"-o {output}: cannot write into {output.parent} ({error.strerror or error})") from error
+        raise CommandError(f"-o {output}: cannot write into {existing} ({error.strerror or error})") from error
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]

@@ -365,7 +365,7 @@ class VisCPMService:
         return {"created": int(time.time()), "data": data}
 
 
-# uvicorn's own defaults, named: a listen queue for bursts of clients, and idle keep-alive connections closed
+# a listen queue for bursts of clients (the standard library's server had 5), idle keep-alive connections closed
 BACKLOG = 2048
 KEEP_ALIVE_SECONDS = 5
 MAX_CONNECTIONS = 1000  # beyond this uvicorn answers 503 at once instead of holding the connection
