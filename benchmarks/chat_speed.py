@@ -357,23 +357,39 @@ def chat_prompts(processor, lengths: list[int]) -> dict[int, tuple[str, dict]]:
     return prompts
 
 
-def build_models(size: str, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def chat_processor(vocab: Path):
+    """VisCPM-Chat's processor for the benchmark models: the real vocabulary, 64 queries, BEiT-3 at 224 px."""
+    from viscpm.modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
+    from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
+    from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
+    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
+    if tokenizer.vocab_size != VOCAB_SIZE:
+        raise SystemExit(f"{vocab} holds {tokenizer.vocab_size} tokens, not CPM-Bee's {VOCAB_SIZE}")
+    return VisCPMChatProcessor(VisCPMChatImageProcessor(), tokenizer, query_num=QUERY_NUM, max_prompt_length=10**6)
+
+
+def build_chat(size: str, seed: int):
+    """A random VisCPM-Chat of one of `SIZES`, with the small BEiT-3."""
     from viscpm.modeling.configuration_beit3 import Beit3VisionConfig
     from viscpm.modeling.configuration_cpmbee import CpmBeeConfig
     from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig
     from viscpm.modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 
-    dims = SIZES[size]
     config = VisCPMChatConfig(
         vision_config=Beit3VisionConfig(**VISION),
-        text_config=CpmBeeConfig(vocab_size=VOCAB_SIZE, **dims),
+        text_config=CpmBeeConfig(vocab_size=VOCAB_SIZE, **SIZES[size]),
         query_num=QUERY_NUM,
         attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
-    ours = VisCPMChatForConditionalGeneration(config).eval()
+    return VisCPMChatForConditionalGeneration(config).eval()
+
+
+def build_models(size: str, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours, dims = build_chat(size, seed), SIZES[size]
     llama_config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=dims["dim_model"],
@@ -658,16 +674,10 @@ def main() -> None:
     import transformers
 
     import viscpm  # noqa: F401  (registers the Auto classes)
-    from viscpm.modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
-    from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
-    from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
     transformers.logging.set_verbosity_error()
     vocab = find_vocab(args.vocab, args.original)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
-    if tokenizer.vocab_size != VOCAB_SIZE:
-        raise SystemExit(f"{vocab} holds {tokenizer.vocab_size} tokens, not CPM-Bee's {VOCAB_SIZE}")
-    processor = VisCPMChatProcessor(VisCPMChatImageProcessor(), tokenizer, query_num=QUERY_NUM, max_prompt_length=10**6)
+    processor = chat_processor(vocab)
     size = VISION["image_size"]
     pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
 

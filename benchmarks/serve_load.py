@@ -1,12 +1,20 @@
-"""Load test of `viscpm serve`: N chat or image requests over loopback from C concurrent clients, then it stops.
+"""Load test of `viscpm serve`'s dynamic batching: C concurrent clients, each sending its next request as soon as
+its last one is answered, against a server that batches (the default, `--max-batch 8`) and one that runs requests
+one at a time (`--max-batch 1`), for C = 1, 4, 8 and 16, in one run.
 
-    python benchmarks/serve_load.py                         # starts a server on the shipped toy models itself
-    python benchmarks/serve_load.py --endpoint images       # POST /v1/images/generations instead
-    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --requests 200 --concurrency 8
+    python benchmarks/serve_load.py                      # chat: the shipped toy model and chat_speed.py's "small"
+    python benchmarks/serve_load.py --models toy         # chat on the toy model only (about a minute)
+    python benchmarks/serve_load.py --endpoint images    # images on the shipped toy pipeline
 
-Prints latency percentiles, throughput, and how many answers were well-formed (status 200; chat: an OpenAI chat
-completion object with one non-empty assistant message; images: one PNG as b64_json); exits with status 1 if any
-was not.
+Chat requests are greedy (`temperature: 0`) with `max_tokens` (default 32) about the same image; the "small" model
+is `benchmarks/chat_speed.py`'s random CPM-Bee of width 512 and 6 layers with its full vocabulary (CPM-Bee's
+`bee.txt`: `--vocab`, default the repository's golden set) and small BEiT-3 at 224 px, saved to a temporary folder.
+Each server runs in this process on loopback, with `torch.set_num_threads(--threads)`.
+
+Prints per model and clients: tokens/s (chat: the answers' `usage.completion_tokens`; images: pixels/s) of both
+servers and their ratio, and p50 latency of both against that of a lone request (the batching server at C = 1).
+Goal (issue 16): at 8 clients at least 4x the tokens/s of one at a time, with p50 at most 2x a lone request's.
+Exits with status 1 if any answer was not well-formed (status 200 and the OpenAI shape).
 """
 
 import argparse
@@ -17,46 +25,48 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+CLIENTS = (1, 4, 8, 16)
 
 
 def image_data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def well_formed_chat(status: int, body: dict) -> bool:
+def chat_work(status: int, body: dict) -> int | None:
+    """The answer's completion tokens, or None if it is not a well-formed chat completion."""
     try:
         (choice,) = body["choices"]
-        return (
-            status == 200
-            and body["object"] == "chat.completion"
-            and choice["message"]["role"] == "assistant"
-            and isinstance(choice["message"]["content"], str)
-            and choice["message"]["content"].strip() != ""
-        )
+        ok = status == 200 and body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+        return body["usage"]["completion_tokens"] if ok and isinstance(choice["message"]["content"], str) else None
     except (KeyError, TypeError, ValueError):
-        return False
+        return None
 
 
-def well_formed_images(status: int, body: dict) -> bool:
+def images_work(status: int, body: dict) -> int | None:
+    """1 for a well-formed answer of one PNG (the caller scales by the pixels), or None."""
     try:
         (image,) = body["data"]
-        return status == 200 and base64.b64decode(image["b64_json"], validate=True).startswith(b"\x89PNG")
+        png = base64.b64decode(image["b64_json"], validate=True).startswith(b"\x89PNG")
+        return 1 if status == 200 and png else None
     except (KeyError, TypeError, ValueError, binascii.Error):
-        return False
+        return None
 
 
-ENDPOINTS = {"chat": ("/v1/chat/completions", well_formed_chat), "images": ("/v1/images/generations",
-             well_formed_images)}  # fmt: skip
+ENDPOINTS = {"chat": ("/v1/chat/completions", chat_work), "images": ("/v1/images/generations", images_work)}
 
 
-def one_request(url: str, endpoint: str, payload: bytes) -> tuple[float, bool]:
-    path, well_formed = ENDPOINTS[endpoint]
+def one_request(url: str, endpoint: str, payload: bytes) -> tuple[float, int | None]:
+    path, work = ENDPOINTS[endpoint]
     request = urllib.request.Request(url + path, data=payload, headers={"Content-Type": "application/json"})
     begin = time.perf_counter()
     try:
@@ -66,66 +76,95 @@ def one_request(url: str, endpoint: str, payload: bytes) -> tuple[float, bool]:
         status, body = error.code, {}
     except (OSError, ValueError):
         status, body = 0, {}
-    return time.perf_counter() - begin, well_formed(status, body)
+    return time.perf_counter() - begin, work(status, body)
 
 
-def local_server(model: Path | None, paint_model: Path | None, paint_steps: int):
-    """A server on the given (or the shipped toy) models in this process: a context manager yielding its URL."""
-    sys.path.insert(0, str(REPO / "src"))
-    from viscpm import defaults
-    from viscpm.serving.server import VisCPMService, serving_in_thread
+def closed_loop(url: str, endpoint: str, payload: bytes, clients: int, rounds: int) -> dict:
+    """`clients` threads sending `rounds` requests each back to back: throughput, p50 latency, failures."""
+    began = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda _: one_request(url, endpoint, payload), range(clients * rounds)))
+    elapsed = time.perf_counter() - began
+    good = [work for _, work in results if work is not None]
+    return {
+        "work_per_s": sum(good) / elapsed,
+        "p50_s": statistics.median(seconds for seconds, _ in results),
+        "failed": len(results) - len(good),
+    }
 
-    service = VisCPMService(model or defaults.CHAT, paint_model or defaults.PAINT, paint_steps=paint_steps)
-    return serving_in_thread(service)
+
+def small_chat_folder(folder: Path, vocab: str | None) -> Path:
+    """chat_speed.py's "small" VisCPM-Chat with random weights, saved as a model folder the server loads."""
+    from chat_speed import build_chat, chat_processor, find_vocab
+
+    model = build_chat("small", seed=0)
+    model.save_pretrained(folder)
+    chat_processor(find_vocab(vocab, None)).save_pretrained(folder)
+    return folder
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="a running server (default: start one in this process)")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat")
-    parser.add_argument("--model", type=Path, help="VisCPM-Chat folder for the local server (default: shipped toy)")
-    parser.add_argument("--paint-model", type=Path, help="VisCPM-Paint folder for the local server (default: toy)")
-    parser.add_argument("--paint-steps", type=int, default=25, help="denoising steps of the local server")
-    parser.add_argument("--requests", type=int, default=40)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--models", default="toy,small", help="chat models: toy, small or both (toy,small)")
+    parser.add_argument("--rounds", type=int, default=4, help="requests each client sends (4)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each chat request (32)")
+    parser.add_argument("--paint-steps", type=int, default=10, help="denoising steps of the images server (10)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    parser.add_argument("--vocab", help="CPM-Bee's bee.txt for the small model (default: the golden set's)")
     parser.add_argument("--image", type=Path, default=REPO / "examples" / "circle.png")
     parser.add_argument("--question", default="图中是什么形状？")
     parser.add_argument("--prompt", default="一个红色的圆形", help="the images endpoint's prompt")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    with contextlib.ExitStack() as stack:
-        if args.url:
-            url = args.url.rstrip("/")
-        else:
-            url = stack.enter_context(local_server(args.model, args.paint_model, args.paint_steps))
-        return measure(args, url)
+    import transformers
 
+    from viscpm import defaults
+    from viscpm.serving.server import Batching, VisCPMService, serving_in_thread
 
-def measure(args: argparse.Namespace, url: str) -> int:
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     if args.endpoint == "chat":
-        content = [
-            {"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
-            {"type": "text", "text": args.question},
-        ]
-        request = {"model": "viscpm-chat", "max_tokens": args.max_tokens, "temperature": 0,
-                   "messages": [{"role": "user", "content": content}]}  # fmt: skip
+        content = [{"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
+                   {"type": "text", "text": args.question}]  # fmt: skip
+        request = {"max_tokens": args.max_tokens, "temperature": 0, "messages": [{"role": "user", "content": content}]}
+        names = [name.strip() for name in args.models.split(",")]
+        unit = "tokens/s"
     else:
-        request = {"model": "viscpm-paint", "prompt": args.prompt, "n": 1, "response_format": "b64_json"}
+        request, names, unit = {"prompt": args.prompt, "n": 1}, ["toy"], "images/s"
     payload = json.dumps(request, ensure_ascii=False).encode()
-    began = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        results = list(pool.map(lambda _: one_request(url, args.endpoint, payload), range(args.requests)))
-    elapsed = time.perf_counter() - began
-    latencies = sorted(seconds for seconds, _ in results)
-    good = sum(ok for _, ok in results)
-    quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    print(f"{args.requests} {args.endpoint} requests, {args.concurrency} concurrent, {url}")
-    print("| requests | well-formed | p50 (s) | p90 (s) | p99 (s) | max (s) | requests/s |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {args.requests} | {good} | {quantiles[49]:.3f} | {quantiles[89]:.3f} | {quantiles[98]:.3f} | "
-          f"{latencies[-1]:.3f} | {args.requests / elapsed:.2f} |")  # fmt: skip
-    return 0 if good == args.requests else 1
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.endpoint}: {json.dumps(request)[:80]}"
+          f"...; each client sends {args.rounds} requests back to back")  # fmt: skip
+    print(f"| model | clients | {unit} one at a time | {unit} batched | ratio | p50 one at a time (s) | p50 batched "
+          "(s) | p50 batched / lone |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="viscpm-serve-load-") as workdir:
+        for name in names:
+            if args.endpoint == "images":
+                chat, paint = None, defaults.PAINT
+            else:
+                chat = defaults.CHAT if name == "toy" else small_chat_folder(Path(workdir) / name, args.vocab)
+                paint = None
+            measured = {}
+            for mode, batching in (("one", Batching(max_rows=1)), ("batched", Batching())):
+                service = VisCPMService(chat, paint, paint_steps=args.paint_steps, batching=batching)
+                with contextlib.closing(service), serving_in_thread(service) as url:
+                    one_request(url, args.endpoint, payload)  # warm-up
+                    for clients in CLIENTS:
+                        measured[mode, clients] = closed_loop(url, args.endpoint, payload, clients, args.rounds)
+            lone = measured["batched", 1]["p50_s"]
+            for clients in CLIENTS:
+                one, batched = measured["one", clients], measured["batched", clients]
+                failed += one["failed"] + batched["failed"]
+                print(f"| {name} | {clients} | {one['work_per_s']:.1f} | {batched['work_per_s']:.1f} | "
+                      f"{batched['work_per_s'] / one['work_per_s']:.1f}x | {one['p50_s']:.2f} | "
+                      f"{batched['p50_s']:.2f} | {batched['p50_s'] / lone:.2f}x |", flush=True)  # fmt: skip
+    if failed:
+        print(f"{failed} answers were not well-formed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class VisCPMChatProcessor(ProcessorMixin):
         image_processor ([`VisCPMChatImageProcessor`]): the image transform.
         tokenizer ([`CpmBeeTokenizer`]): the CPM-Bee tokenizer.
         query_num (`int`, defaults to 64): image placeholder tokens; must equal the model's `query_num`.
-        max_prompt_length (`int`, defaults to 3000): longest prompt accepted (the original's `max_inp_length`).
+        max_prompt_length (`int`, defaults to 3000): longest prompt accepted (the original's `max_inp_length`); None: no limit.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, query_num=64, max_prompt_length=3000, **kwargs):
@@ -65,7 +65,7 @@ class VisCPMChatProcessor(ProcessorMixin):
             self.tokenizer, [self.build_prompt(question, ctx) for question, ctx in zip(questions, contexts)]
         )
         longest = int(batch.model_inputs["attention_mask"].sum(-1).max())
-        if longest > self.max_prompt_length:
+        if self.max_prompt_length is not None and longest > self.max_prompt_length:
             raise ValueError(
                 f"the prompt has {longest} tokens, more than max_prompt_length={self.max_prompt_length}: shorten the "
                 "context (earlier turns) or the question"

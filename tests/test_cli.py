@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO_ROOT, load_json
-from viscpm import defaults
+from viscpm import budgets, defaults
 from viscpm.cli import build_parser, main
 from viscpm.conversion.chat import convert_chat
 
@@ -284,7 +284,7 @@ def test_chat_prompt_too_long(capsys, converted_chat, image_file):
     limit = load_json(converted_chat / "processor_config.json")["max_prompt_length"]
     context = "User: hi\nAI: hello\n" * limit  # several tokens per turn: well over the limit
     code, out, err = chat_error(capsys, converted_chat, image_file, "What is this?", "--context", context)
-    assert_one_error_line(code, out, err, f"max_prompt_length={limit}")
+    assert_one_error_line(code, out, err, f"more than the limit of {limit}", "--max-prompt-tokens")
 
 
 # ------------------------------------------------------------------------------------------------- convert chat
@@ -409,6 +409,41 @@ def test_paint_refuses_work_beyond_its_budget_before_drawing(capsys, tmp_path, s
     code, out, err = run_cli(capsys, "paint", "一个红色的圆形", *size, "-o", tmp_path / "x.png")
     assert_one_error_line(code, out, err, "pixel-steps", "--max-pixel-steps")
     assert not (tmp_path / "x.png").exists()
+
+
+TOY_PROMPT_LIMIT = load_json(defaults.CHAT / "processor_config.json")["max_prompt_length"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragments"),
+    [
+        (
+            ["--question", "what ?", "--max-new-tokens", str(budgets.DEFAULT_MAX_TOKENS + 1)],
+            [f"from 1 to {budgets.DEFAULT_MAX_TOKENS}", "--max-tokens"],
+        ),
+        (["--question", "what ?", "--max-new-tokens", "9", "--max-tokens", "8"], ["from 1 to 8", "--max-tokens"]),
+        (
+            ["--question", "a b " * TOY_PROMPT_LIMIT],
+            [f"more than the limit of {TOY_PROMPT_LIMIT}", "--max-prompt-tokens"],
+        ),
+        (
+            ["--question", "what is it ?", "--max-prompt-tokens", "8"],
+            ["more than the limit of 8", "--max-prompt-tokens"],
+        ),
+    ],
+)
+def test_chat_refuses_work_beyond_its_budget_before_loading_the_model(capsys, monkeypatch, arguments, fragments):
+    from transformers import AutoModel
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    code, out, err = run_cli(capsys, "chat", "--image", REPO_ROOT / "examples" / "circle.png", *arguments)
+    assert_one_error_line(code, out, err, *fragments)
+
+
+def test_chat_without_max_new_tokens_stays_within_the_limit(capsys):
+    code, out, _ = run_cli(capsys, "chat", "--image", REPO_ROOT / "examples" / "circle.png", "--question",
+                           "图中是什么形状？", "--max-tokens", "1", "--json")  # fmt: skip
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 1
 
 
 FUZZ_COMMANDS = {

@@ -1,7 +1,7 @@
 """`viscpm serve`: the OpenAI-compatible API on tiny models, driven by the official openai client on loopback."""
 
 import base64
-import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -12,7 +12,9 @@ import threading
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,7 +22,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from tiny_models import tiny_chat, tiny_image, tiny_pipeline
 from viscpm.experiments.glossary import ZH
-from viscpm.serving.server import Limits, VisCPMService, serving_in_thread
+from viscpm.serving.server import Cancelled, Job, Limits, VisCPMService, serving_in_thread
 
 openai = pytest.importorskip("openai")
 
@@ -153,30 +155,125 @@ def test_openai_client_raises_on_errors(client):
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "what ?"}])
 
 
-def test_concurrent_requests_queue_for_the_model(server, client, monkeypatch):
-    """Never two generations at once, whatever the number of clients."""
-    service, active, most = server["service"], [0], [0]
-    original = service.chat_model.chat
-
-    def counting_chat(*args, **kwargs):
-        active[0] += 1
-        most[0] = max(most[0], active[0])
-        try:
-            return original(*args, **kwargs)
-        finally:
-            active[0] -= 1
-
-    monkeypatch.setattr(service.chat_model, "chat", counting_chat)
-
-    def ask(_):
-        completion = client.chat.completions.create(model="chat", messages=question(), temperature=0, max_tokens=4)
-        return completion.choices[0].message.content
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(ask, range(6)))
-    assert most[0] == 1 and len(set(answers)) == 1
+@contextlib.contextmanager
+def model_thread_held(service):
+    """Holds the model thread until the block ends: the jobs submitted meanwhile wait for it together."""
+    release, started = threading.Event(), threading.Event()
+    service.queue.submit(Job(lambda jobs: [started.set(), release.wait()][:1], "hold", 1, None))
+    started.wait()
+    try:
+        yield
+    finally:
+        release.set()
 
 
+def recording(monkeypatch, owner, name, record):
+    """Wraps ``owner.name`` to append ``record(*args, **kwargs)`` to the returned list on each call."""
+    calls, original = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def chat_requests(**settings):
+    return [
+        {"messages": question("what ?"), **settings},
+        {"messages": question("is it red ?", tiny_image(5)), **settings},
+        {"messages": question("and now ?", history=("what is it ?", "a cat")), **settings},
+    ]
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0, "max_tokens": 6}, {"max_tokens": 6}], ids=["greedy", "beams"])
+def test_concurrent_chats_run_as_one_batch_and_answer_as_each_alone(server, monkeypatch, settings):
+    service = server["service"]
+    requests = chat_requests(**settings)
+    alone = [service.chat(request) for request in requests]
+    batches = recording(monkeypatch, service.chat_model, "chat", lambda images, *a, **k: len(images))
+    with model_thread_held(service):
+        futures = [service.queue.submit(service.chat_job(request)) for request in requests]
+    assert [future.result() for future in futures] == alone
+    assert batches == [len(requests)]
+
+
+def test_chats_with_other_settings_run_in_batches_of_their_own(server, monkeypatch):
+    service = server["service"]
+    batches = recording(monkeypatch, service.chat_model, "chat", lambda images, *a, **k: len(images))
+    greedy, beams = chat_requests(temperature=0, max_tokens=4), chat_requests(max_tokens=4)
+    with model_thread_held(service):
+        futures = [service.queue.submit(service.chat_job(request)) for pair in zip(greedy, beams) for request in pair]
+    assert all(len(future.result()[0]) == 1 for future in futures)
+    assert batches == [len(greedy), len(beams)]
+
+
+def test_a_batch_holds_at_most_max_rows(server, monkeypatch):
+    service = server["service"]
+    batches = recording(monkeypatch, service.chat_model, "chat", lambda images, *a, **k: len(images))
+    monkeypatch.setattr(service.queue.batching, "max_rows", 2)
+    with model_thread_held(service):
+        futures = [service.queue.submit(service.chat_job(r)) for r in chat_requests(temperature=0, max_tokens=2)]
+    [future.result() for future in futures]
+    assert batches == [2, 1]
+
+
+def test_a_request_cancelled_in_a_batch_stops_and_the_others_go_on(server, monkeypatch):
+    service = server["service"]
+    first, second = chat_requests(temperature=0, max_tokens=64)[:2]
+    (whole,), _ = service.chat(first)
+    assert whole[2] > 3, "the test needs an answer longer than three tokens"
+    second_alone = service.chat(second)
+    jobs = [service.chat_job(first), service.chat_job(second)]
+    # the first client goes away once the batch has made its second decoding step
+    steps, check = [], Cancelled.__call__
+
+    def second_step_cancels(self, input_ids, scores, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            jobs[0].cancelled.set()
+        return check(self, input_ids, scores, **kwargs)
+
+    monkeypatch.setattr(Cancelled, "__call__", second_step_cancels)
+    with model_thread_held(service):
+        futures = [service.queue.submit(job) for job in jobs]
+    (cut,), _ = futures[0].result()
+    assert cut[2] <= 3 and cut[1] == "length"
+    assert futures[1].result() == second_alone
+
+
+def test_cancelled_stops_every_candidate_of_its_row():
+    """Beam search hands the criterion each row's candidates next to each other."""
+    events = [threading.Event(), threading.Event()]
+    events[1].set()
+    flags = Cancelled(events)(torch.zeros(6, 3, dtype=torch.long), None)
+    assert flags.tolist() == [False, False, False, True, True, True]
+
+
+def test_concurrent_image_requests_of_one_size_run_as_one_batch_and_draw_as_each_alone(server, monkeypatch):
+    service = server["service"]
+    requests = [{"prompt": "a red cat", "size": "32x32", "seed": 1},
+                {"prompt": "a red dog", "size": "32x32", "seed": 2, "negative_prompt": "a cat"}]  # fmt: skip
+    jobs = [service.images_job(request) for request in requests]
+    assert len({job.key for job in jobs}) == 1, "the test needs prompts of one padded length"
+    alone = [
+        service.pipeline(request["prompt"], negative_prompt=request.get("negative_prompt"), height=32, width=32,
+                         num_inference_steps=service.paint_steps,
+                         generator=torch.Generator().manual_seed(request["seed"])).images[0]
+        for request in requests
+    ]  # fmt: skip
+    unet_rows = recording(monkeypatch, service.pipeline.unet, "forward", lambda sample, *a, **k: sample.shape[0])
+    with model_thread_held(service):
+        futures = [service.queue.submit(job) for job in jobs]
+    for future, expected in zip(futures, alone):
+        (image,) = future.result()
+        difference = np.abs(np.asarray(image, dtype=int) - np.asarray(expected, dtype=int))
+        assert difference.max() <= 1  # PNG levels: the batched UNet may round differently
+    assert unet_rows == [2 * len(requests)] * service.paint_steps  # guided: each image's two halves
+
+
+@pytest.mark.slow
 @pytest.mark.slow
 def test_serve_command_answers_chat_and_images_on_the_shipped_defaults():
     """`viscpm serve` with no model given: the toy Chat and Paint models, for the openai client."""
@@ -356,3 +453,11 @@ def test_max_tokens_beyond_the_servers_limit_names_the_flag(server):
     status, body = post(server, "/v1/chat/completions", {"messages": question(), "max_tokens": limit + 1})
     assert status == 400 and body["error"]["param"] == "max_tokens"
     assert f"from 1 to {limit}" in body["error"]["message"] and "viscpm serve --max-tokens" in body["error"]["message"]
+
+
+def test_a_prompt_beyond_the_servers_limit_names_the_flag(server):
+    limit = server["service"].limits.max_prompt_tokens
+    status, body = post(server, "/v1/chat/completions", {"messages": question("a b " * limit), "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "messages" and body["error"]["code"] == "over_budget"
+    assert f"more than the limit of {limit}" in body["error"]["message"]
+    assert "viscpm serve --max-prompt-tokens" in body["error"]["message"]

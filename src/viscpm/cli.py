@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -241,6 +251,23 @@ def _add_pixel_budget_argument(parser) -> None:
     )
 
 
+def _add_chat_budget_arguments(parser, asked_with: str) -> None:
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="refuse a prompt (question, conversation so far, image slots) longer than N tokens, before generating "
+        "(default: the model folder's max_prompt_length, the original's 3000 for the released model)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=budgets.DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help=f"the most tokens one answer may ask for ({asked_with}) or get (default {budgets.DEFAULT_MAX_TOKENS})",
+    )
+
+
 def _add_verbose_argument(parser) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="show the libraries' model-loading progress bars and warnings"
@@ -270,7 +297,9 @@ def _add_chat_parser(subcommands) -> None:
         metavar="TEXT",
         help='the conversation so far, "User: ...\\nAI: ...\\n" per turn (the "context" of an earlier --json)',
     )
-    chat.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="most tokens to generate")
+    chat.add_argument(
+        "--max-new-tokens", type=_positive_int, metavar="N", help="most tokens to generate (within --max-tokens)"
+    )
     chat.add_argument("--num-beams", type=_positive_int, metavar="N", help="beams of the beam search (1: greedy)")
     chat.add_argument("--do-sample", action="store_true", help="sample instead of searching")
     chat.add_argument("--seed", type=_seed, metavar="S", help="seed torch's random generator (for --do-sample)")
@@ -279,6 +308,7 @@ def _add_chat_parser(subcommands) -> None:
         action="store_true",
         help='print one JSON object {"answer", "context", "token_ids"} instead of the answer',
     )
+    _add_chat_budget_arguments(chat, "--max-new-tokens")
     _add_verbose_argument(chat)
     chat.set_defaults(handler=_run_chat)
 
@@ -353,16 +383,21 @@ def _answer(args: argparse.Namespace) -> int:
         image = image_processor.load_image(args.image) if image_processor is not None else load_image(args.image)
     except InvalidImageError as error:  # ImageTooLargeError included
         raise CommandError(f"--image: {error}") from error
+    # --max-prompt-tokens replaces the folder's limit
+    max_prompt_tokens, processor.max_prompt_length = args.max_prompt_tokens or processor.max_prompt_length, None
     try:
-        # prompt checks (length, markup) before the model is loaded; chat() builds the same prompt again
-        processor(text=args.question, context=args.context)
-    except ValueError as error:
+        # prompt checks (markup, length) before the model is loaded; chat() builds the same prompt again
+        prompt_tokens = processor(text=args.question, context=args.context)["input_ids"].shape[1]
+        budgets.check_prompt_tokens(prompt_tokens, max_prompt_tokens, "--max-prompt-tokens")
+        if args.max_new_tokens is not None:
+            budgets.check_new_tokens("--max-new-tokens", args.max_new_tokens, args.max_tokens, "--max-tokens")
+    except ValueError as error:  # BudgetError included
         raise CommandError(str(error)) from error
     model = _load("model", functools.partial(AutoModel.from_pretrained, dtype=torch.float32), args.model).eval()
 
-    overrides = {}
-    if args.max_new_tokens is not None:
-        overrides["max_new_tokens"] = args.max_new_tokens
+    # without --max-new-tokens: the folder's default, within --max-tokens
+    overrides = {"max_new_tokens": args.max_new_tokens or min(model.generation_config.max_new_tokens or
+                                                              args.max_tokens, args.max_tokens)}  # fmt: skip
     if args.num_beams is not None:
         overrides["num_beams"] = args.num_beams
     if args.do_sample:
@@ -614,8 +649,8 @@ def _add_serve_parser(subcommands) -> None:
         "serve",
         help="serve VisCPM-Chat (and Paint) over an OpenAI-compatible HTTP API",
         description="An HTTP server with POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models and "
-        "GET /health, in the OpenAI format (the official openai client works against it). Requests queue for the "
-        "model one at a time.",
+        "GET /health, in the OpenAI format (the official openai client works against it). Concurrent requests "
+        "for the same kind of work run as one batch.",
     )
     serve.add_argument("--model", type=Path, metavar="DIR", help="VisCPM-Chat folder (default: the shipped toy model)")
     serve.add_argument(
@@ -624,12 +659,28 @@ def _add_serve_parser(subcommands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_int, default=8000, help="port (8000; 0 picks a free one)")
     serve.add_argument("--paint-steps", type=_positive_int, default=50, help="denoising steps per image (50)")
+    _add_chat_budget_arguments(serve, "max_tokens")
     serve.add_argument(
-        "--max-tokens",
+        "--max-batch",
         type=_positive_int,
-        default=budgets.DEFAULT_MAX_TOKENS,
+        default=budgets.DEFAULT_MAX_BATCH_ROWS,
         metavar="N",
-        help=f"the most tokens one chat answer may ask for (max_tokens) or get ({budgets.DEFAULT_MAX_TOKENS})",
+        help="run up to N concurrent requests' rows (chat choices, images) as one batch "
+        f"(default {budgets.DEFAULT_MAX_BATCH_ROWS}; 1: one at a time)",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=_positive_int,
+        metavar="N",
+        help="serve N replicas as a Ray Serve application (the scale extra; a local Ray cluster, or the one "
+        "RAY_ADDRESS names) instead of one process",
+    )
+    serve.add_argument(
+        "--replica-cpus",
+        type=_positive_float,
+        default=1.0,
+        metavar="C",
+        help="Ray CPUs each replica holds; its torch threads follow them (1)",
     )
     _add_pixel_budget_argument(serve)
     _add_verbose_argument(serve)
@@ -638,20 +689,33 @@ def _add_serve_parser(subcommands) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     with _needs_extra("the server", "serve"):
-        from .serving.server import Limits, VisCPMService, bind, make_server
+        from .serving.server import Batching, Limits, VisCPMService, bind, make_server
 
     model = _chat_folder(args.model)
     paint_model = _paint_folder(args.paint_model, "--paint-model")
+    if args.replicas is not None and args.port == 0:
+        raise CommandError("--replicas needs a --port other than 0: Ray Serve's proxy does not pick a free one")
     try:
         sock = bind(args.host, args.port)  # before the models load: a taken port fails at once
     except OSError as error:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
+                    max_pixel_steps=args.max_pixel_steps)  # fmt: skip
+    batching = Batching(max_rows=args.max_batch)
+    names = ", ".join(folder.name for folder in (model, paint_model) if folder is not None)
+    if args.replicas is not None:
+        sock.close()  # Ray Serve's proxy listens instead
+        with _needs_extra("--replicas", "scale"):
+            from .serving.scale_out import application, serve_forever
+        app = application(model, paint_model, args.replicas, args.replica_cpus, limits, args.paint_steps, batching)
+        ready = f"serving {names} on http://{args.host}:{args.port}/v1 (Ray Serve, {args.replicas} replicas)"
+        serve_forever(app, args.host, args.port, lambda: print(ready, flush=True))
+        return 0
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     with sock, _quiet_libraries(args.verbose):
-        limits = Limits(max_new_tokens=args.max_tokens, max_pixel_steps=args.max_pixel_steps)
-        service = VisCPMService(model, paint_model, limits=limits, paint_steps=args.paint_steps)
+        service = VisCPMService(model, paint_model, limits=limits, paint_steps=args.paint_steps, batching=batching)
         host, port = sock.getsockname()[:2]
-        print(f"serving {', '.join(m['id'] for m in service.models()['data'])} on http://{host}:{port}/v1", flush=True)
+        print(f"serving {names} on http://{host}:{port}/v1", flush=True)
         make_server(service, sock).run(sockets=[sock])
     return 0
 
@@ -713,6 +777,11 @@ def _configure_stdout() -> None:
                 pass
 
 
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks and other unprintable characters escaped (a path may hold any of them)."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line on `argv` (default: `sys.argv[1:]`) and returns the exit status."""
     parser = build_parser()
@@ -725,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _quiet_bitsandbytes(getattr(args, "verbose", False)):
             return args.handler(args)
     except CommandError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

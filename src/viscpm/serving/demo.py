@@ -34,7 +34,7 @@ def chat_app(model_dir: Path):
             state = {"image": image, "context": "", "vision": None}
             history = []
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        call = StreamedCall(processor.tokenizer, lambda streamer: model.chat(
+        call = StreamedCall.in_thread(processor.tokenizer, lambda streamer: model.chat(
             None if state["vision"] is not None else image, question, processor, context=state["context"],
             vision_hidden_states=state["vision"], num_beams=1, streamer=streamer,
         ))  # fmt: skip

@@ -4,11 +4,14 @@ Endpoints: `POST /v1/chat/completions` (messages with text and `image_url` parts
 `temperature`, `top_p`, `n`, `stream` as server-sent events), `POST /v1/images/generations` (`prompt`, `n`, `size`,
 `response_format: b64_json`), `GET /v1/models`, `GET /health`.
 
-A FastAPI app served by uvicorn (the `serve` extra): the body size is enforced while reading, idle keep-alive
-connections time out, the listen queue is deep and SIGINT / SIGTERM shut down gracefully. Model calls run in worker
-threads behind one lock, so concurrent requests queue for the model instead of interleaving on it. A request that
-fails gets an OpenAI-shaped error (`{"error": {"message", "type", "param", "code"}}`) with its status code, unknown
-paths and methods included; the server goes on.
+A FastAPI app served by uvicorn (the `serve` extra): bodies are validated by pydantic request models, their size is
+enforced while reading, idle keep-alive connections time out, the listen queue is deep and SIGINT / SIGTERM shut down
+gracefully. Every model call runs in one model thread (`BatchQueue`): requests that arrive within a few milliseconds
+of each other and ask for the same kind of work run as one batch (chat: the same generation settings; images: the
+same size and prompt length), which equals running them one at a time. A request whose client disconnects is
+cancelled at the next decoding or denoising step. A request that fails gets an OpenAI-shaped error
+(`{"error": {"message", "type", "param", "code"}}`) with its status code, unknown paths and methods included; the
+server goes on.
 """
 
 from __future__ import annotations
@@ -19,23 +22,26 @@ import binascii
 import io
 import json
 import logging
+import queue
 import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import PIL.Image
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -44,7 +50,7 @@ from .. import budgets
 
 logger = logging.getLogger("viscpm.serve")
 DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
-SIZE = re.compile(r"^(?P<width>\d+)x(?P<height>\d+)$")
+SIZE_PATTERN = r"^(?P<width>\d+)x(?P<height>\d+)$"
 
 
 class RequestError(Exception):
@@ -60,56 +66,226 @@ class RequestError(Exception):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
-class StreamedCall:
-    """`call(streamer)` in a worker thread, fed to a `TextIteratorStreamer`: iterate for the text pieces as they are
-    generated (`</s>` left out), then read `result`. An exception `call` raises ends the stream and is raised by the
-    iteration (before any piece, when it happens before generation starts)."""
+# ------------------------------------------------------------------------------------------------ request bodies
 
-    def __init__(self, tokenizer, call):
+MIN_TEMPERATURE = 0.01  # dividing the logits by less overflows them to inf
+
+# JSON's true is no count and no number: strict types refuse it (and numeric strings)
+Count = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class Body(BaseModel):
+    # OpenAI clients send fields this server has no use for (`model`, `user`, `stream_options`, ...)
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImageURL(Body):
+    url: StrictStr
+
+
+class ImagePart(Body):
+    type: Literal["image_url"]
+    image_url: ImageURL | StrictStr
+
+
+class Message(Body):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+
+class ChatCompletionRequest(Body):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Count | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    n: Count = Field(1, ge=1, le=8)
+    stream: bool = Field(False, strict=True)
+
+    @field_validator("temperature")
+    @classmethod
+    def greedy_or_divisible(cls, temperature: float | None) -> float | None:
+        if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or from {MIN_TEMPERATURE} to 2")
+        return temperature
+
+
+class ImagesRequest(Body):
+    prompt: StrictStr
+    n: Count = Field(1, ge=1)
+    size: StrictStr | None = Field(None, pattern=SIZE_PATTERN)
+    response_format: Literal["b64_json"] = "b64_json"  # this server keeps no files to link to
+    negative_prompt: StrictStr | None = None
+    seed: Count | None = Field(None, ge=0, lt=budgets.SEED_LIMIT)
+
+    @field_validator("prompt")
+    @classmethod
+    def not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must say what to draw")
+        return prompt
+
+
+def validated(request_model: type[Body], body: Any) -> Body:
+    """`body` as `request_model`, or a RequestError naming the field at fault (the deepest, the most specific of a
+    union's complaints) and what is wrong with it."""
+    try:
+        return request_model.model_validate(body)
+    except ValidationError as error:
+        worst = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))
+        where = ".".join(str(part) for part in worst["loc"] if not str(part).startswith(("str", "list[")))
+        message = f"{where}: {worst['msg']}" if where else worst["msg"]
+        raise RequestError(message, param=str(worst["loc"][0]) if worst["loc"] else None) from None
+
+
+# ------------------------------------------------------------------------------------------------- the model thread
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work for the model thread. Jobs with the same `run` and `key` may run as one batch:
+    `run(jobs)` returns one result per job."""
+
+    run: Callable[[list[Job]], list[Any]]
+    key: Hashable
+    rows: int  # the batch rows the job takes (a chat's choices, an images request's images)
+    inputs: Any
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Batching:
+    window_s: float = 0.05  # the longest the model thread, under load, waits for more requests
+    max_rows: int = budgets.DEFAULT_MAX_BATCH_ROWS  # `viscpm serve --max-batch`; 1 runs requests one at a time
+
+
+class BatchQueue:
+    """The one thread that runs the models. It takes the jobs that have come (and, while the last round held
+    several, those that arrive within `window_s` of the first), up to `max_rows` rows, drops those cancelled while
+    they waited, and runs the rest batch by batch: jobs with equal `run` and `key`, in the order the first of each
+    arrived. Hand-written because it is small and the batch keys are ours: Ray Serve's `@serve.batch` would make
+    Ray a dependency of every server, and vLLM-style continuous batching needs a paged cache that CPM-Bee's
+    position bias does not have."""
+
+    def __init__(self, batching: Batching):
+        self.batching = batching
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="viscpm-model", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Future:
+        self.jobs.put(job)
+        return job.future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _serve(self) -> None:
+        busy, last_round_s = False, 0.0  # the last round held several jobs; how long it ran
+        while (first := self.jobs.get()) is not None:
+            waiting, rows = [first], first.rows
+            # A lone client's request runs at once. Under load the model thread waits a moment for company: the
+            # clients of the batch just answered send their next requests, and without the wait they would form a
+            # batch of their own behind this one, for good. The wait costs at most a tenth of a round.
+            busy = busy or not self.jobs.empty()
+            wait = min(self.batching.window_s, last_round_s / 10) if busy else 0
+            deadline = time.monotonic() + wait
+            while rows < self.batching.max_rows:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:  # closing: what has come still runs
+                    self.jobs.put(None)
+                    break
+                waiting.append(job)
+                rows += job.rows
+            busy, began = len(waiting) > 1, time.monotonic()
+            self._run(waiting)
+            last_round_s = time.monotonic() - began
+
+    def _run(self, waiting: list[Job]) -> None:
+        groups: dict[tuple, list[list[Job]]] = {}
+        for job in waiting:
+            if job.cancelled.is_set():
+                job.future.cancel()
+                continue
+            batches = groups.setdefault((job.run, job.key), [[]])
+            if batches[-1] and sum(j.rows for j in batches[-1]) + job.rows > self.batching.max_rows:
+                batches.append([])
+            batches[-1].append(job)
+        for (run, _), batches in groups.items():
+            for batch in batches:
+                try:
+                    results = run(batch)
+                except Exception as error:  # noqa: BLE001  (each request's handler raises it)
+                    for job in batch:
+                        job.future.set_exception(error)
+                else:
+                    for job, result in zip(batch, results):
+                        job.future.set_result(result)
+
+
+class Cancelled(StoppingCriteria):
+    """Stops a batch row at the next decoding step once its request's event is set (``events``: one per row; beam
+    search's rows are each row's candidates, next to each other)."""
+
+    def __init__(self, events: list[threading.Event]):
+        self.events = events
+        # row -> the sequence's length when it was stopped: in a batch, what follows is padding
+        self.stopped_at: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        flags = [event.is_set() for event in self.events]
+        for row in (row for row, flag in enumerate(flags) if flag):
+            self.stopped_at.setdefault(row, input_ids.shape[1])
+        return torch.tensor(flags, device=input_ids.device).repeat_interleave(input_ids.shape[0] // len(flags))
+
+
+class StreamedCall:
+    """A generation feeding ``streamer`` (see `make_streamer`), whose result ``future`` will hold, as text pieces:
+    iterate for them as they are generated (`</s>` left out), then read `result`. The generation's exception ends
+    the stream and is raised by the iteration (before any piece, when it happens before generation starts)."""
+
+    def __init__(self, eos_token: str, streamer, future: Future):
+        self.eos_token, self.streamer, self.future = eos_token, streamer, future
+        future.add_done_callback(lambda done: streamer.end() if done.cancelled() or done.exception() else None)
+
+    @staticmethod
+    def make_streamer(tokenizer):
         from transformers import TextIteratorStreamer
 
-        self.eos_token = tokenizer.eos_token
-        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=600)
-        self.result = self.error = None
-        self.worker = threading.Thread(target=self._run, args=(call,), daemon=True)
-        self.worker.start()
+        return TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=600)
 
-    def _run(self, call) -> None:
-        try:
-            self.result = call(self.streamer)
-        except Exception as error:  # noqa: BLE001  (raised by the iteration, in the caller's thread)
-            self.error = error
-            self.streamer.end()
+    @classmethod
+    def in_thread(cls, tokenizer, call: Callable[[Any], Any]) -> StreamedCall:
+        """`call(streamer)` in a thread of its own (the demo, which has no model thread)."""
+        streamer, future = cls.make_streamer(tokenizer), Future()
+
+        def run() -> None:
+            try:
+                future.set_result(call(streamer))
+            except Exception as error:  # noqa: BLE001  (raised by the iteration, in the caller's thread)
+                future.set_exception(error)
+
+        threading.Thread(target=run, daemon=True).start()
+        return cls(tokenizer.eos_token, streamer, future)
 
     def __iter__(self):
         for piece in self.streamer:
             text = piece.replace(self.eos_token, "")
             if text:
                 yield text
-        self.worker.join()
-        if self.error is not None:
-            raise self.error
-
-
-class Cancelled(StoppingCriteria):
-    """Stops every sequence at the next decoding step once ``event`` is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-MIN_TEMPERATURE = 0.01
-
-
-def is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no count
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        self.result = self.future.result()
 
 
 @dataclass
@@ -117,27 +293,50 @@ class Limits:
     max_request_bytes: int = 20 * 2**20
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
+    max_prompt_tokens: int | None = None  # `viscpm serve --max-prompt-tokens`; None: the folder's max_prompt_length
     max_new_tokens: int = budgets.DEFAULT_MAX_TOKENS  # `viscpm serve --max-tokens`
     max_images: int = 4
     max_image_side: int = 1024
     max_pixel_steps: int = budgets.DEFAULT_PAINT_PIXEL_STEPS  # `viscpm serve --max-pixel-steps`
 
 
+GUIDANCE_SCALE = 7.5  # the pipeline's default
+
+
+@dataclass
+class ChatInputs:
+    image: PIL.Image.Image
+    context: str
+    question: str
+    prompt_tokens: int
+    streamer: Any = None
+
+
+@dataclass
+class PaintInputs:
+    prompt: str
+    negative_prompt: str | None
+    seed: int | None
+
+
 class VisCPMService:
-    """The loaded models and what the endpoints do with them; one lock serialises every model call."""
+    """The loaded models and what the endpoints do with them. `chat_job` / `images_job` check a request and turn it
+    into a job for the model thread; `chat` / `images` run one and wait for its result."""
 
     def __init__(self, chat_model: Path | None, paint_model: Path | None, limits: Limits | None = None,
-                 paint_steps: int = 50):  # fmt: skip
+                 paint_steps: int = 50, batching: Batching | None = None):  # fmt: skip
         from transformers import AutoModel, AutoProcessor
 
         import viscpm  # noqa: F401  (registers the Auto classes)
 
         self.limits, self.paint_steps = limits or Limits(), paint_steps
-        self.lock = threading.Lock()
         self.chat_name = self.paint_name = None
         if chat_model is not None:
             self.chat_model = AutoModel.from_pretrained(chat_model, dtype=torch.float32).eval()
             self.processor = AutoProcessor.from_pretrained(chat_model)
+            if self.limits.max_prompt_tokens is None:
+                self.limits = replace(self.limits, max_prompt_tokens=self.processor.max_prompt_length)
+            self.processor.max_prompt_length = None  # the server's limit holds instead
             self.chat_name = Path(chat_model).name
         if paint_model is not None:
             from ..modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
@@ -147,18 +346,30 @@ class VisCPMService:
             self.paint_name = Path(paint_model).name
         if self.chat_name is None and self.paint_name is None:
             raise ValueError("nothing to serve: give a chat model, a paint model, or both")
+        self.queue = BatchQueue(batching or Batching())
 
-    # ------------------------------------------------------------------------------------------------ models
+    def close(self) -> None:
+        self.queue.close()
 
     def models(self) -> dict:
         names = [name for name in (self.chat_name, self.paint_name) if name]
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "viscpm"}
                                            for n in names]}  # fmt: skip
 
+    def wait(self, job: Job) -> Any:
+        """Runs ``job`` in the model thread and returns its result (a cancelled job that never ran: None)."""
+        future = self.queue.submit(job)
+        try:
+            return future.result()
+        except Exception as error:  # noqa: BLE001
+            if future.cancelled():
+                return None
+            raise error
+
     # ---------------------------------------------------------------------------------------------------- chat
 
     def decode_image(self, url: str) -> PIL.Image.Image:
-        match = DATA_URL.match(url) if isinstance(url, str) else None
+        match = DATA_URL.match(url)
         if match is None:
             raise RequestError("image_url must be a data URL (data:image/png;base64,...); the server downloads "
                                "nothing", param="messages", code="invalid_image_url")  # fmt: skip
@@ -181,34 +392,27 @@ class VisCPMService:
             raise RequestError("image_url is not an image PIL can read", param="messages",
                                code="invalid_image") from None  # fmt: skip
 
-    def parse_conversation(self, messages: Any) -> tuple[PIL.Image.Image, str, str]:
+    def parse_conversation(self, messages: list[Message]) -> tuple[PIL.Image.Image, str, str]:
         """The image, the conversation so far as VisCPM-Chat's context, and the last question."""
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages must be a non-empty list", param="messages")
         image, turns = None, []
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise RequestError(f"messages[{index}] needs a role of system, user or assistant", param="messages")
-            content = message.get("content")
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            if not isinstance(parts, list):
-                raise RequestError(f"messages[{index}].content must be a string or a list of parts", param="messages")
+            parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (
+                message.content)  # fmt: skip
             texts = []
             for part in parts:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind == "image_url" and message["role"] == "user":
-                    if image is not None:
-                        raise RequestError("VisCPM-Chat answers about one image per conversation; this one has "
-                                           "several", param="messages", code="too_many_images")  # fmt: skip
-                    url = part.get("image_url")
-                    image = self.decode_image(url.get("url") if isinstance(url, dict) else url)
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                elif message.role != "user":
+                    raise RequestError(f"messages[{index}]: only user messages may hold an image_url",
+                                       param="messages")  # fmt: skip
+                elif image is not None:
+                    raise RequestError("VisCPM-Chat answers about one image per conversation; this one has "
+                                       "several", param="messages", code="too_many_images")  # fmt: skip
                 else:
-                    raise RequestError(f"messages[{index}] has a part of type {kind!r}; text and image_url (user) "
-                                       "are supported", param="messages")  # fmt: skip
-            if message["role"] != "system":
-                turns.append((message["role"], " ".join(texts).strip()))
+                    image = self.decode_image(part.image_url.url if isinstance(part.image_url, ImageURL) else
+                                              part.image_url)  # fmt: skip
+            if message.role != "system":
+                turns.append((message.role, " ".join(texts).strip()))
         if image is None:
             raise RequestError("the conversation has no image: VisCPM-Chat answers questions about an image; add "
                                "an image_url part with a data URL", param="messages", code="missing_image")  # fmt: skip
@@ -223,146 +427,185 @@ class VisCPMService:
                 pending = None
         return image, context, turns[-1][1]
 
-    def generation_kwargs(self, request: dict) -> dict:
-        kwargs = {}
-        max_tokens = request.get("max_tokens", request.get("max_completion_tokens"))
+    def generation_kwargs(self, request: ChatCompletionRequest) -> dict:
+        max_tokens = request.max_tokens if request.max_tokens is not None else request.max_completion_tokens
         limit = self.limits.max_new_tokens
-        if max_tokens is not None:
-            if not is_integer(max_tokens) or not 1 <= max_tokens <= limit:
-                raise RequestError(f"max_tokens must be an integer from 1 to {limit} (the server's limit; raise it "
-                                   "with viscpm serve --max-tokens)", param="max_tokens")  # fmt: skip
-            kwargs["max_new_tokens"] = max_tokens
-        else:  # the model's own default, within the server's limit
-            kwargs["max_new_tokens"] = min(self.chat_model.generation_config.max_new_tokens or limit, limit)
-        temperature, top_p = request.get("temperature"), request.get("top_p")
-        for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
-            if value is not None and (not is_number(value) or not 0 <= value <= high):
-                raise RequestError(f"{name} must be a number from 0 to {high}", param=name)
-        if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
-            # dividing the logits by less overflows them to inf
-            raise RequestError(f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE} to 2", param="temperature")
-        if temperature is not None and temperature > 0:
-            kwargs.update(do_sample=True, num_beams=1, temperature=float(temperature))
-            if top_p is not None:
-                kwargs["top_p"] = float(top_p)
-        elif temperature == 0 or request.get("stream"):
+        try:
+            budgets.check_new_tokens("max_tokens", max_tokens or 0, limit, "viscpm serve --max-tokens")
+        except budgets.BudgetError as error:
+            raise RequestError(str(error), param="max_tokens", code="over_budget") from None
+        # without max_tokens: the model's own default, within the server's limit
+        kwargs = {"max_new_tokens": max_tokens or min(self.chat_model.generation_config.max_new_tokens or limit,
+                                                      limit)}  # fmt: skip
+        if request.temperature:
+            kwargs.update(do_sample=True, num_beams=1, temperature=request.temperature)
+            if request.top_p is not None:
+                kwargs["top_p"] = request.top_p
+        elif request.temperature == 0 or request.stream:
             kwargs.update(do_sample=False, num_beams=1)  # greedy (transformers' streamers refuse beam search)
         return kwargs
 
-    def chat(self, request: dict, streamer=None, cancelled: threading.Event | None = None):
-        """Answers (text, finish reason, token count), one per choice, and the prompt's token count. Once
-        ``cancelled`` is set (the client went away), generation stops at its next decoding step."""
-        image, context, question = self.parse_conversation(request.get("messages"))
-        n = request.get("n", 1)
-        if not is_integer(n) or not 1 <= n <= 8:
-            raise RequestError("n must be an integer from 1 to 8", param="n")
+    def chat_job(self, body: Any, cancelled: threading.Event | None = None, streamer=None) -> Job:
+        """The checked request as a job whose result is `(choices, prompt_tokens)`: an answer `(text, finish
+        reason, token count)` per choice. Requests with equal generation settings share batches (streamed ones
+        run alone: transformers' streamers take one row)."""
+        request = validated(ChatCompletionRequest, body)
+        image, context, question = self.parse_conversation(request.messages)
         kwargs = self.generation_kwargs(request)
-        if n > 1 and not kwargs.get("do_sample"):
+        if request.n > 1 and not kwargs.get("do_sample"):
             raise RequestError("n > 1 needs sampling: give a temperature above 0", param="n")
         try:
-            prompt_tokens = self.processor(text=[question], context=[context])["input_ids"].shape[1]
-        except ValueError as error:
+            inputs = self.processor(text=[question], context=[context])
+        except ValueError as error:  # markup
             raise RequestError(str(error), param="messages") from None
-        limit = kwargs.get("max_new_tokens") or self.chat_model.generation_config.max_new_tokens
-        if cancelled is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled(cancelled)])
-        choices = []
-        with self.lock:
-            for _ in range(n):
-                if cancelled is not None and cancelled.is_set():
-                    break
-                answer, _, _, token_ids = self.chat_model.chat(
-                    image, question, self.processor, context=context, return_token_ids=True, streamer=streamer,
-                    **kwargs,
-                )  # fmt: skip
-                ended = bool(token_ids) and token_ids[-1] == self.processor.tokenizer.eos_token_id
-                choices.append((answer, "stop" if ended or limit is None else "length", len(token_ids)))
-        return choices, prompt_tokens
+        prompt_tokens = inputs["input_ids"].shape[1]
+        try:
+            budgets.check_prompt_tokens(
+                prompt_tokens, self.limits.max_prompt_tokens, "viscpm serve --max-prompt-tokens"
+            )
+        except budgets.BudgetError as error:
+            raise RequestError(str(error), param="messages", code="over_budget") from None
+        # a streamed request's key is its own
+        key = (tuple(sorted(kwargs.items())), None if streamer is None else object())
+        return Job(self._chat_batch, key, request.n, ChatInputs(image, context, question, prompt_tokens, streamer),
+                   cancelled or threading.Event())  # fmt: skip
 
-    def chat_completion(self, request: dict, cancelled: threading.Event | None = None) -> dict:
-        choices, prompt_tokens = self.chat(request, cancelled=cancelled)
-        completion_tokens = sum(tokens for *_, tokens in choices)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.chat_name,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                for i, (text, reason, _) in enumerate(choices)
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },  # fmt: skip
-        }
+    def _chat_batch(self, jobs: list[Job]) -> list[tuple[list, int]]:
+        rows = [job for job in jobs for _ in range(job.rows)]
+        questions, contexts = [job.inputs.question for job in rows], [job.inputs.context for job in rows]
+        kwargs = dict(jobs[0].key[0])
+        if jobs[0].inputs.streamer is not None:
+            kwargs["streamer"] = jobs[0].inputs.streamer
+        cancelled = Cancelled([job.cancelled for job in rows])
+        answers, _, _, token_ids = self.chat_model.chat(
+            [job.inputs.image for job in rows],
+            questions,
+            self.processor,
+            context=contexts,
+            return_token_ids=True,
+            stopping_criteria=StoppingCriteriaList([cancelled]),
+            **kwargs,
+        )
+        if cancelled.stopped_at:  # a stopped row goes on as padding while the others generate: cut it off
+            inputs = self.processor(text=questions, context=contexts)
+            for row, length in cancelled.stopped_at.items():
+                token_ids[row] = token_ids[row][: length - inputs["input_ids"].shape[1]]
+                (answers[row],) = self.processor.decode_answers(torch.tensor([token_ids[row]]),
+                                                                [inputs["ext_tables"][row]])  # fmt: skip
+        eos = self.processor.tokenizer.eos_token_id
+        choices = [(answer, "stop" if ids and ids[-1] == eos else "length", len(ids))
+                   for answer, ids in zip(answers, token_ids)]  # fmt: skip
+        results, start = [], 0
+        for job in jobs:
+            results.append((choices[start : start + job.rows], job.inputs.prompt_tokens))
+            start += job.rows
+        return results
+
+    def chat(self, body: Any, streamer=None, cancelled: threading.Event | None = None) -> tuple[list, int]:
+        """`(choices, prompt_tokens)` for a request body; once ``cancelled`` is set, generation stops at its next
+        decoding step (no choices if it never started)."""
+        return self.wait(self.chat_job(body, cancelled, streamer)) or ([], 0)
 
     # --------------------------------------------------------------------------------------------------- paint
 
-    def images(self, request: dict, cancelled: threading.Event | None = None) -> dict:
-        """Once ``cancelled`` is set (the client went away), the remaining denoising steps are skipped."""
-        prompt = request.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RequestError("prompt must be a non-empty string", param="prompt")
-        n = request.get("n", 1)
-        if not is_integer(n) or not 1 <= n <= self.limits.max_images:
+    def images_job(self, body: Any, cancelled: threading.Event | None = None) -> Job:
+        """The checked request as a job whose result is its images. Requests of equal size and prompt length share
+        batches (the UNet attends to the prompt's padding, so a batch pads no prompt further than alone)."""
+        request = validated(ImagesRequest, body)
+        if request.n > self.limits.max_images:
             raise RequestError(f"n must be an integer from 1 to {self.limits.max_images}", param="n")
-        if request.get("response_format", "b64_json") != "b64_json":
-            raise RequestError("response_format must be b64_json: this server keeps no files to link to",
-                               param="response_format")  # fmt: skip
-        size = request.get("size")
         height = width = None
-        if size is not None:
-            match = SIZE.match(str(size))
+        if request.size is not None:
+            width, height = (int(side) for side in request.size.split("x"))
             multiple = self.pipeline.vae_scale_factor * 4
-            if (
-                match is None
-                or not all(multiple <= int(match[k]) <= self.limits.max_image_side for k in ("width", "height"))
-                or any(int(match[k]) % multiple for k in ("width", "height"))
-            ):
-                raise RequestError(f"unsupported size {size!r}: WIDTHxHEIGHT, each a multiple of {multiple} from "
-                                   f"{multiple} to {self.limits.max_image_side}", param="size",
+            fits = [multiple <= side <= self.limits.max_image_side and side % multiple == 0 for side in (width, height)]
+            if not all(fits):
+                raise RequestError(f"unsupported size {request.size!r}: WIDTHxHEIGHT, each a multiple of {multiple} "
+                                   f"from {multiple} to {self.limits.max_image_side}", param="size",
                                    code="unsupported_size")  # fmt: skip
-            width, height = int(match["width"]), int(match["height"])
         height, width = budgets.paint_size(self.pipeline, height, width)
         try:
-            budgets.check_paint_budget(height, width, self.paint_steps, n, self.limits.max_pixel_steps,
+            budgets.check_paint_budget(height, width, self.paint_steps, request.n, self.limits.max_pixel_steps,
                                        "viscpm serve --max-pixel-steps")  # fmt: skip
         except budgets.BudgetError as error:
             raise RequestError(str(error), param="size", code="over_budget") from error
-        negative_prompt = request.get("negative_prompt")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise RequestError("negative_prompt must be a string", param="negative_prompt")
-        seed = request.get("seed")
-        if seed is not None and (not is_integer(seed) or not 0 <= seed < budgets.SEED_LIMIT):
-            raise RequestError("seed must be an integer from 0 to 2**64 - 1", param="seed")
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        try:  # markup and length, as the pipeline reads them; the padded length joins the batch key
+            text = self.pipeline.prepare_text_inputs([request.prompt], padding_captions=[request.negative_prompt or ""])
+        except ValueError as error:
+            raise RequestError(str(error), param="prompt") from None
+        key = (height, width, text["input_ids"].shape[1])
+        return Job(self._images_batch, key, request.n, PaintInputs(request.prompt, request.negative_prompt,
+                   request.seed), cancelled or threading.Event())  # fmt: skip
 
-        def stop_when_cancelled(pipeline, step, timestep, tensors) -> dict:
-            pipeline._interrupt = cancelled is not None and cancelled.is_set()  # diffusers' way to skip steps
+    def _images_batch(self, jobs: list[Job]) -> list[list[PIL.Image.Image]]:
+        pipeline, (height, width, _) = self.pipeline, jobs[0].key
+        guided = GUIDANCE_SCALE > 1  # the pipeline's test
+        states, negative_states, latents, generators = [], [], [], []
+        for job in jobs:
+            # each request's prompt states and initial noise as it would get them alone (its seed draws its latents)
+            state, negative_state = pipeline.encode_prompt(job.inputs.prompt, pipeline._execution_device, job.rows,
+                                                           guided, job.inputs.negative_prompt)  # fmt: skip
+            states.append(state)
+            negative_states.append(negative_state)
+            generator = torch.Generator()
+            generator.manual_seed(job.inputs.seed) if job.inputs.seed is not None else generator.seed()
+            shape = (job.rows, pipeline.unet.config.in_channels, height // pipeline.vae_scale_factor,
+                     width // pipeline.vae_scale_factor)  # fmt: skip
+            latents.append(torch.randn(shape, generator=generator, dtype=state.dtype))
+            generators += [generator] * job.rows
+
+        def stop_when_all_cancelled(pipeline, step, timestep, tensors) -> dict:
+            pipeline._interrupt = all(job.cancelled.is_set() for job in jobs)  # diffusers' way to skip steps
             return {}
 
-        try:
-            with self.lock:
-                images = self.pipeline(
-                    prompt,
-                    negative_prompt=negative_prompt,
-                    height=height,
-                    width=width,
-                    generator=generator,
-                    num_inference_steps=self.paint_steps,
-                    num_images_per_prompt=n,
-                    callback_on_step_end=stop_when_cancelled,
-                ).images
-        except ValueError as error:  # the pipeline's input checks, CPM-Bee markup in the prompts included
-            raise RequestError(str(error), param="prompt") from None
-        data = []
-        for image in images:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii")})
-        return {"created": int(time.time()), "data": data}
+        images = pipeline(
+            prompt_embeds=torch.cat(states),
+            negative_prompt_embeds=torch.cat(negative_states) if guided else None,
+            latents=torch.cat(latents),
+            generator=generators,
+            height=height,
+            width=width,
+            num_inference_steps=self.paint_steps,
+            guidance_scale=GUIDANCE_SCALE,
+            callback_on_step_end=stop_when_all_cancelled,
+        ).images
+        results, start = [], 0
+        for job in jobs:
+            results.append(images[start : start + job.rows])
+            start += job.rows
+        return results
+
+    def images(self, body: Any, cancelled: threading.Event | None = None) -> list[PIL.Image.Image]:
+        """The images for a request body; once ``cancelled`` is set, the remaining denoising steps are skipped."""
+        return self.wait(self.images_job(body, cancelled)) or []
+
+
+def completion_body(model: str, choices: list, prompt_tokens: int) -> dict:
+    completion_tokens = sum(tokens for *_, tokens in choices)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            for i, (text, reason, _) in enumerate(choices)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def images_body(images: list[PIL.Image.Image]) -> dict:
+    data = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii")})
+    return {"created": int(time.time()), "data": data}
 
 
 # a listen queue for bursts of clients (the standard library's server had 5), idle keep-alive connections closed
@@ -399,7 +642,8 @@ async def read_json(request: Request, limit: int) -> dict:
 
 
 def make_app(service: VisCPMService) -> FastAPI:
-    """The OpenAI-compatible API as an ASGI app: model calls run in worker threads, behind the service's lock."""
+    """The OpenAI-compatible API as an ASGI app: requests are checked in worker threads and run by the service's
+    model thread."""
     app = FastAPI(title="viscpm", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestError)
@@ -436,38 +680,38 @@ def make_app(service: VisCPMService) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_for(request, service.chat_name, "chat", "--model")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError("stream must be true or false", param="stream")
-        if stream:
+        if isinstance(body.get("stream"), bool) and body["stream"]:
             return await stream_chat(body)
-        return await while_connected(request, service.chat_completion, body)
+        job = await run_in_threadpool(service.chat_job, body)
+        choices, prompt_tokens = await while_connected(request, job)
+        return completion_body(service.chat_name, choices, prompt_tokens)
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
         body = await body_for(request, service.paint_name, "paint", "--paint-model")
-        return await while_connected(request, service.images, body)
+        job = await run_in_threadpool(service.images_job, body)
+        return images_body(await while_connected(request, job))
 
-    async def while_connected(request: Request, work, body: dict):
-        """`work(body, cancelled=event)` in a worker thread; the event is set if the client disconnects first."""
-        cancelled = threading.Event()
-        task = asyncio.ensure_future(run_in_threadpool(work, body, cancelled=cancelled))
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if not task.done() and await request.is_disconnected():
-                cancelled.set()
-        return task.result()
+    async def while_connected(request: Request, job: Job):
+        """The job's result, from the model thread; its event is set if the client disconnects first."""
+        future = asyncio.wrap_future(service.queue.submit(job))
+        while not future.done():
+            await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+            if not future.done() and await request.is_disconnected():
+                job.cancelled.set()
+        if future.cancelled():  # dropped before it ran: no one is there to read this
+            raise RequestError("the client disconnected before the model took the request", code="cancelled")
+        return future.result()
 
     async def stream_chat(body: dict) -> StreamingResponse:
         """Server-sent events: the answer as it is generated, through the model's streamer."""
-        if body.get("n", 1) != 1:
+        tokenizer = service.processor.tokenizer
+        streamer = StreamedCall.make_streamer(tokenizer)
+        job = await run_in_threadpool(service.chat_job, body, None, streamer)
+        if job.rows != 1:
             raise RequestError("stream supports n = 1 only", param="n")
-        cancelled = threading.Event()
-        call = StreamedCall(
-            service.processor.tokenizer, lambda streamer: service.chat(body, streamer=streamer, cancelled=cancelled)
-        )
-        pieces = iter(call)
-        # waits for the first piece: a request error is raised here, before any header
+        pieces = iter(StreamedCall(tokenizer.eos_token, streamer, service.queue.submit(job)))
+        # waits for the first piece: an error before generation is raised here, before any header
         first = await run_in_threadpool(next, pieces, None)
         identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -485,11 +729,12 @@ def make_app(service: VisCPMService) -> FastAPI:
                     yield event({"content": first})
                 async for text in iterate_in_threadpool(pieces):
                     yield event({"content": text})
-                reason = call.result[0][0][1]
+                (choice,), _ = job.future.result()
+                reason = choice[1]
             except Exception:  # noqa: BLE001  (the headers are sent: the stream ends as it is)
                 logger.exception("generation failed while streaming")
             finally:  # also when the client disconnects (the response is cancelled at a yield): stop generating
-                cancelled.set()
+                job.cancelled.set()
             yield event({}, finish_reason=reason)
             yield "data: [DONE]\n\n"
 
