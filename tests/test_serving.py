@@ -1,6 +1,7 @@
 """`viscpm serve`: the OpenAI-compatible API on tiny models, driven by the official openai client on loopback."""
 
 import base64
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -22,6 +23,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from tiny_models import tiny_chat, tiny_image, tiny_pipeline
 from viscpm.experiments.glossary import ZH
+from viscpm.serving import server as server_module
 from viscpm.serving.server import Cancelled, Job, Limits, VisCPMService, serving_in_thread
 
 openai = pytest.importorskip("openai")
@@ -461,3 +463,53 @@ def test_a_prompt_beyond_the_servers_limit_names_the_flag(server):
     assert status == 400 and body["error"]["param"] == "messages" and body["error"]["code"] == "over_budget"
     assert f"more than the limit of {limit}" in body["error"]["message"]
     assert "viscpm serve --max-prompt-tokens" in body["error"]["message"]
+
+
+@pytest.fixture
+def quick_deadlines_server(server, monkeypatch):
+    """A second server on the same service whose header and body deadlines are one second."""
+    monkeypatch.setattr(server_module, "HEADERS_SECONDS", 1)
+    monkeypatch.setattr(server_module, "BODY_SECONDS", 1)
+    with serving_in_thread(server["service"]) as url:
+        yield {**server, "url": url}
+
+
+def closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``connection`` (after whatever it answers) within ``seconds``."""
+    connection.settimeout(seconds)
+    try:
+        while connection.recv(65536):
+            pass
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"], ids=["silent", "slow-headers"])
+def test_a_client_that_sends_no_request_is_disconnected(quick_deadlines_server, sent):
+    """uvicorn alone kept a silent connection, or one sending its headers slowly, open for ever."""
+    host, port = quick_deadlines_server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(sent)
+        assert closed_within(connection, 5)
+
+
+def test_a_body_that_arrives_too_slowly_is_a_408(quick_deadlines_server):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+    answer = raw_exchange(quick_deadlines_server, head + b'\r\n{"messages": ')
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+
+
+def test_idle_connections_hold_nothing_and_a_burst_of_clients_is_answered(server):
+    """1000 idle connections used to hold 1000 threads; with a listen queue of 5, 2 of 60 requests from 20 clients got
+    ECONNRESET."""
+    host, port = server["url"].removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(200)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: urllib.request.urlopen(server["url"] + "/health", timeout=30).status,
+                                    range(60)))  # fmt: skip
+        assert answers == [200] * 60
+    finally:
+        for connection in idle:
+            connection.close()

@@ -36,6 +36,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import h11
 import PIL.Image
 import torch
 import uvicorn
@@ -45,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import budgets
 
@@ -611,8 +613,38 @@ def images_body(images: list[PIL.Image.Image]) -> dict:
 # a listen queue for bursts of clients (the standard library's server had 5), idle keep-alive connections closed
 BACKLOG = 2048
 KEEP_ALIVE_SECONDS = 5
+HEADERS_SECONDS = 10  # from a connection's first byte (or its opening) to the end of a request's headers
+BODY_SECONDS = 60  # to read a request's body: 20 MB at a third of a megabyte per second
 MAX_CONNECTIONS = 1000  # beyond this uvicorn answers 503 at once instead of holding the connection
 DISCONNECT_POLL_SECONDS = 0.25  # how often a request waiting for the model checks that its client is still there
+
+
+class HeadersDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers (Go's ReadHeaderTimeout): uvicorn alone keeps
+    a connection that sends nothing, or its headers a byte at a time (slowloris), open for ever."""
+
+    headers_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm_headers_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # the next request begins (uvicorn drops its keep-alive timer)
+            self._arm_headers_deadline()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self.headers_deadline is not None:  # the headers are in
+            self.headers_deadline.cancel()
+            self.headers_deadline = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.headers_deadline is not None:
+            self.headers_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_headers_deadline(self) -> None:
+        if self.headers_deadline is None:
+            self.headers_deadline = self.loop.call_later(HEADERS_SECONDS, self.timeout_keep_alive_handler)
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -621,17 +653,28 @@ def error_response(error: RequestError) -> JSONResponse:
 
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object, read up to ``limit`` bytes whatever Content-Length says (uvicorn refuses a
-    malformed one itself)."""
+    malformed one itself) and within `BODY_SECONDS`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body is {declared} bytes, more than {limit}",
                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="request_too_large")  # fmt: skip
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise RequestError(f"the request body is more than {limit} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               code="request_too_large")  # fmt: skip
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > limit:
+                raise RequestError(f"the request body is more than {limit} bytes",
+                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="request_too_large")  # fmt: skip
+
+    try:
+        await asyncio.wait_for(read(), BODY_SECONDS)
+    except asyncio.TimeoutError:  # a client that sends its body slowly holds a connection and a buffer
+        raise RequestError(
+            f"the request body took more than {BODY_SECONDS} s to arrive",
+            HTTPStatus.REQUEST_TIMEOUT,
+            code="request_timeout",
+        ) from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -762,8 +805,9 @@ def bind(host: str, port: int) -> socket.socket:
 def make_server(service: VisCPMService, sock: socket.socket) -> uvicorn.Server:
     """uvicorn serving `make_app(service)` on ``sock``: `run(sockets=[sock])` blocks until SIGINT / SIGTERM (or
     `should_exit`), then shuts down gracefully."""
-    config = uvicorn.Config(make_app(service), backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                            limit_concurrency=MAX_CONNECTIONS, log_level="warning", lifespan="off")  # fmt: skip
+    config = uvicorn.Config(make_app(service), http=HeadersDeadlineProtocol, backlog=BACKLOG,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=MAX_CONNECTIONS,
+                            log_level="warning", lifespan="off")  # fmt: skip
     return uvicorn.Server(config)
 
 
