@@ -189,7 +189,7 @@ def convert_chat(
     model_config.dtype = weight_dtype
     with torch.device("meta"):
         model = VisCPMChatForConditionalGeneration(model_config)
-    targets = {key: value for key, value in model.state_dict().items() if key not in model._tied_weights_keys}
+    targets = {key: value for key, value in model.state_dict().items() if key not in model.all_tied_weights_keys}
     weights = map_state_dict(
         targets, state_dict, chat_key, hint="is this a VisCPM-Chat checkpoint of the configured dimensions?"
     )

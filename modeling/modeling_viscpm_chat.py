@@ -1,6 +1,10 @@
 # Copyright 2026 The viscpm authors. Licensed under the Apache License, Version 2.0.
-"""VisCPM-Chat: BEiT-3 encodes the image together with learned queries, an MLP maps the query outputs into
-CPM-Bee's width, and they replace the image placeholder tokens of CPM-Bee's structured prompt.
+"""VisCPM-Chat: BEiT-3 encodes the image together with learned queries, an MLP maps the query outputs into the
+pivot language model's width, and they replace the image placeholder tokens of the prompt.
+
+The pivot is CPM-Bee (the released model: its structured prompt, position bias and the original's decoding), or any
+causal LM transformers builds with `AutoModelForCausalLM` (MpM on another multilingual LLM: its own tokenizer, chat
+template, cache and attention; docs/mpm-recipe.md).
 
 Module names follow the original `VLU_CPMBee` (`vpm`, `query`, `mapping`, `llm`) so that its checkpoints map onto
 this model with a plain key map (`viscpm.conversion.chat`).
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -70,7 +74,7 @@ class VisCPMChatPreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
     config: VisCPMChatConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Beit3EncoderLayer", "CpmBeeTransformerBlock"]
+    _no_split_modules = ["Beit3EncoderLayer"]  # and the pivot's own
     _supports_sdpa = True
     # a FlashAttention request runs the vision tower; CPM-Bee falls back to FlexAttention (`route_attention`)
     _supports_flash_attn = True
@@ -78,7 +82,8 @@ class VisCPMChatPreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
     _can_compile_fullgraph = False
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        return super().set_attn_implementation(route_attention(attn_implementation), *args, **kwargs)
+        requested = route_attention(attn_implementation, self.config.text_config)
+        return super().set_attn_implementation(requested, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -88,23 +93,45 @@ class VisCPMChatPreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
 
 
 class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenerationMixin):
-    _tied_weights_keys = {"llm.lm_head.weight": "llm.model.input_embedding.weight"}
-
     def __init__(self, config: VisCPMChatConfig):
         super().__init__(config)
-        vision_width, text_width = config.vision_config.hidden_size, config.text_config.dim_model
+        text_config = config.text_config
+        vision_width, text_width = config.vision_config.hidden_size, text_config.hidden_size
         self.vpm = Beit3VisionModel(config.vision_config)
         self.query = nn.Parameter(torch.empty(config.query_num, vision_width))
         self.mapping = nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
-        self.llm = CpmBeeForCausalLM(config.text_config)
+        if config.pivot_is_cpmbee:
+            self.llm = CpmBeeForCausalLM(text_config)
+            defaults = CHAT_GENERATION_DEFAULTS
+        else:
+            self.llm = AutoModelForCausalLM.from_config(text_config)
+            # another pivot decodes as transformers does, greedy by default
+            defaults = {"max_new_tokens": CHAT_GENERATION_DEFAULTS["max_new_tokens"]}
         self.post_init()
-        text_config = config.text_config
         self.generation_config = GenerationConfig(
-            bos_token_id=text_config.bos_token_id,
-            eos_token_id=text_config.eos_token_id,
-            pad_token_id=text_config.pad_token_id,
-            **CHAT_GENERATION_DEFAULTS,
+            bos_token_id=getattr(text_config, "bos_token_id", None),
+            eos_token_id=getattr(text_config, "eos_token_id", None),
+            pad_token_id=getattr(text_config, "pad_token_id", None),
+            **defaults,
         )
+
+    # Decoding: the CPM-Bee pivot decodes like the original (`CpmBeeGenerationMixin`: its logits processing, beam
+    # bookkeeping and shared prefill); another pivot as transformers decodes any causal LM.
+
+    def generate(self, *args, **kwargs):
+        if self.config.pivot_is_cpmbee:
+            return super().generate(*args, **kwargs)
+        kwargs.pop("ext_tables", None)  # for CPM-Bee's decoder only
+        return GenerationMixin.generate(self, *args, **kwargs)
+
+    def _update_finished_beams(self, **kwargs):
+        if self.config.pivot_is_cpmbee:
+            return super()._update_finished_beams(**kwargs)
+        return GenerationMixin._update_finished_beams(self, **kwargs)
+
+    def _check_early_stop_heuristic(self, is_early_stop_heuristic_unsatisfied, **kwargs):
+        owner = CpmBeeGenerationMixin if self.config.pivot_is_cpmbee else GenerationMixin
+        return owner._check_early_stop_heuristic(is_early_stop_heuristic_unsatisfied, **kwargs)
 
     def get_input_embeddings(self):
         return self.llm.get_input_embeddings()
@@ -125,7 +152,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             self.config.auto_map = {**auto_map, "AutoModelForImageTextToText": reference}
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image features in CPM-Bee's width, one per query: (batch, query_num, dim_model)."""
+        """Image features in the pivot's width, one per query: (batch, query_num, hidden_size)."""
         pixel_values = pixel_values.to(self.query.dtype)
         query_outputs = self.vpm(pixel_values, query_embeds=self.query).query_hidden_states
         return self.mapping(query_outputs)
@@ -167,22 +194,50 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         image_bound (`torch.LongTensor` of shape `(batch, 1, 2)`):
             `[start, end)` of each row's image placeholder tokens, in the positions of `input_ids`.
 
-        The other arguments are those of [`CpmBeeForCausalLM.forward`].
+        The other arguments are those of [`CpmBeeForCausalLM.forward`] for the CPM-Bee pivot; another pivot takes
+        `input_ids`, `attention_mask`, `inputs_embeds`, `cache`, `labels`, `use_cache`, `output_hidden_states` and
+        `logits_to_keep` (its position ids follow the attention mask: prompts are padded on the left).
         """
         if vision_hidden_states is None and pixel_values is not None:
             vision_hidden_states = self.get_image_features(pixel_values)
+        query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if vision_hidden_states is not None and inputs_embeds is None:
             if image_bound is None:
                 raise ValueError("image features need `image_bound`, the positions of the image placeholder tokens")
-            query_length = input_ids.shape[1]
-            query_subs = None if input_id_subs is None else input_id_subs[:, -query_length:]
-            inputs_embeds = self.llm.model.embed_tokens(input_ids, query_subs, ext_table_ids, ext_table_sub)
+            if self.config.pivot_is_cpmbee:
+                query_subs = None if input_id_subs is None else input_id_subs[:, -query_length:]
+                inputs_embeds = self.llm.model.embed_tokens(input_ids, query_subs, ext_table_ids, ext_table_sub)
+            else:
+                inputs_embeds = self.llm.get_input_embeddings()(input_ids)
             # image_bound counts from the start of the whole sequence; these embeddings are its last tokens
             sequence_length = attention_mask.shape[1] if attention_mask is not None else query_length
             inputs_embeds = place_image_features(
                 inputs_embeds, vision_hidden_states, image_bound - (sequence_length - query_length)
             )
             input_ids = None
+
+        if not self.config.pivot_is_cpmbee:
+            position_ids = None
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+            outputs = self.llm(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                labels=labels,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                logits_to_keep=logits_to_keep,
+            )
+            return VisCPMChatOutput(
+                loss=outputs.loss,
+                logits=outputs.logits,
+                cache=outputs.cache,
+                hidden_states=outputs.hidden_states,
+                vision_hidden_states=vision_hidden_states,
+            )
 
         outputs = self.llm(
             input_ids=input_ids,

@@ -23,14 +23,15 @@ def tiny_chat_vocab_file(tmp_path: Path) -> Path:
     return path
 
 
+TINY_VISION = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, image_size=32,
+                   patch_size=16, max_source_positions=16)  # fmt: skip
+
+
 def tiny_chat(tmp_path: Path, seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_chat_vocab_file(tmp_path)))
     config = VisCPMChatConfig(
-        vision_config=Beit3VisionConfig(
-            hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, image_size=32,
-            patch_size=16, max_source_positions=16,
-        ),
+        vision_config=Beit3VisionConfig(**TINY_VISION),
         text_config=CpmBeeConfig(
             vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
             position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
@@ -41,6 +42,51 @@ def tiny_chat(tmp_path: Path, seed: int = 0):
     model = VisCPMChatForConditionalGeneration(config).eval()
     image_processor = VisCPMChatImageProcessor(size={"height": 32, "width": 32})
     processor = VisCPMChatProcessor(image_processor, tokenizer, query_num=4, max_prompt_length=80)
+    return model, processor
+
+
+PIVOT_WORDS = ["user", "assistant", "system", "User", "AI", ":", "?", ".", "what", "is", "it", "a", "b", "c", "red",
+               "circle", "and", "now"]  # fmt: skip
+# the template of Qwen2's kind (ChatML); the Llama kind is tested without one (the processor's plain-text prompt)
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
+
+def tiny_pivot_tokenizer(kind: str):
+    """A word-level fast tokenizer for a tiny pivot of ``kind`` (`qwen2`: ChatML template, others: none)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate([*specials, *PIVOT_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = "<|im_end|>" if kind == "qwen2" else "</s>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token=eos,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML if kind == "qwen2" else None,
+    )  # fmt: skip
+
+
+def tiny_pivot_chat(kind: str, seed: int = 0):
+    """VisCPM-Chat on a tiny random pivot of ``kind`` (`llama`, `qwen2`, or `gpt2`: absolute positions), and its
+    processor."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_pivot_tokenizer(kind)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # fmt: skip
+    if kind == "gpt2":
+        text_config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, **special)
+    else:
+        text_config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **special,
+        )  # fmt: skip
+    config = VisCPMChatConfig(vision_config=Beit3VisionConfig(**TINY_VISION), text_config=text_config, query_num=4)
+    model = VisCPMChatForConditionalGeneration(config).eval()
+    processor = VisCPMChatProcessor(VisCPMChatImageProcessor(size={"height": 32, "width": 32}), tokenizer, query_num=4)
     return model, processor
 
 
