@@ -133,6 +133,11 @@ class VisCPMChatProcessor(ProcessorMixin):
                 return token_id
         raise ValueError("the pivot's tokenizer has no unk, pad or eos token to hold the image's place")
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id padding a batch of another pivot's prompts (masked out by the attention mask)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.image_placeholder_id
+
     def prompt_ids(self, question: str, context: str = "") -> tuple[list[int], int]:
         """A prompt's token ids and where its image placeholders start."""
         before, after = self.prompt_text(question, context).split(IMAGE_MARKER)
@@ -143,8 +148,7 @@ class VisCPMChatProcessor(ProcessorMixin):
     def left_padded(self, prompts: Sequence[tuple[list[int], int]]) -> dict:
         """``prompt_ids`` rows as a batch padded on the left: input_ids, attention_mask and image_bound."""
         width = max(len(ids) for ids, _ in prompts)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.image_placeholder_id
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         image_bound = torch.zeros((len(prompts), 1, 2), dtype=torch.long)
         for row, (ids, image_start) in enumerate(prompts):

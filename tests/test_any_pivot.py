@@ -3,25 +3,38 @@
 mask), built by transformers' own classes, with their own tokenizers (Qwen2's kind with a ChatML template, the
 others without one)."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from test_training import chat_config, colour_image, falls, png_bytes, state, write_config
 from transformers import AutoConfig, AutoModel, AutoProcessor, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from conftest import chat_as_remote_code
 from tiny_models import tiny_image, tiny_pivot_chat
+from viscpm.cli import main
 from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig
 from viscpm.modeling.processing_viscpm_chat import IMAGE_MARKER
+from viscpm.training.chat import add_lora
+from viscpm.training.data import PivotCollator, PivotSamples, Turn
+from viscpm.training.run import load_config, train
 
 KINDS = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}
 
 
-@pytest.fixture(params=sorted(KINDS))
-def pivot(request):
-    model, processor = tiny_pivot_chat(request.param)
-    with torch.no_grad():  # distinct logits: random weights at the default scale make near-ties everywhere
+def expressive_pivot(kind: str):
+    """A tiny random pivot whose logits are distinct (at the default init scale near-ties are everywhere, and a
+    frozen pivot barely responds to what the image features say)."""
+    model, processor = tiny_pivot_chat(kind)
+    with torch.no_grad():
         for parameter in model.llm.parameters():
             parameter.normal_(0, 0.5)
-    return request.param, model, processor
+    return model, processor
+
+
+@pytest.fixture(params=sorted(KINDS))
+def pivot(request):
+    return request.param, *expressive_pivot(request.param)
 
 
 def test_the_pivot_is_the_transformers_model_its_config_names(pivot, tmp_path):
@@ -123,3 +136,80 @@ def test_a_saved_folder_loads_natively_and_as_remote_code(pivot, tmp_path):
     assert model.chat(str(image), "what is it ?", processor, **kwargs)[::3] == (answer, ids)
     remote = chat_as_remote_code(folder, image, "what is it ?", tmp_path)
     assert (remote["answer"], remote["ids"]) == (answer, ids)
+
+
+# ------------------------------------------------------------------------------------- training (viscpm train)
+
+
+def pivot_folder(tmp_path, kind: str = "qwen2"):
+    model, processor = expressive_pivot(kind)
+    folder = tmp_path / f"tiny-{kind}-chat"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_a_sample_labels_the_answer_and_its_end_only(pivot):
+    _, _, processor = pivot
+    turn = Turn("and now ?", "a red circle", "User: what is it ?\nAI: a b\n")
+    sample = PivotSamples(processor, max_length=200)(turn)
+    prompt, image_start = processor.prompt_ids(turn.question, turn.context)
+    answer = processor.tokenizer(turn.answer, add_special_tokens=False)["input_ids"]
+    assert sample["input_ids"] == prompt + answer + [processor.tokenizer.eos_token_id]
+    assert sample["labels"] == [-100] * len(prompt) + answer + [processor.tokenizer.eos_token_id]
+    assert sample["image_bound"] == [[image_start, image_start + processor.query_num]]
+
+    short = PivotSamples(processor, max_length=200)(Turn("what ?", "a"))
+    image = png_bytes(colour_image("red"))
+    pixels = lambda picture: processor.image_processor(picture, return_tensors="pt")["pixel_values"][0]  # noqa: E731
+    batch = PivotCollator(processor.pad_token_id, pixels)([sample | {"image": image}, short | {"image": image}])
+    length = len(short["input_ids"])
+    assert batch["input_ids"][1, :length].tolist() == short["input_ids"]  # padded on the right
+    assert batch["attention_mask"][1].tolist() == [1] * length + [0] * (len(sample["input_ids"]) - length)
+    assert set(batch["labels"][1, length:].tolist()) == {-100}
+    assert batch["image_bound"].shape == (2, 1, 2) and batch["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_both_chat_stages_train_another_pivot(tmp_path):
+    folder = pivot_folder(tmp_path)
+    before = state(AutoModel.from_pretrained(folder))
+    config = load_config("chat-pretrain", str(write_config(tmp_path / "p.yaml", **chat_config(tmp_path, folder, "p"))))
+    summary, _ = train("chat-pretrain", config)
+    assert falls(summary["losses"]), summary["losses"]
+    aligned = state(AutoModel.from_pretrained(summary["saved"]))
+    assert all(torch.equal(before[name], aligned[name]) for name in before if name.startswith("llm."))
+    assert not torch.equal(before["query"], aligned["query"])
+
+    config = chat_config(tmp_path, Path(summary["saved"]), "s")
+    summary, _ = train("chat-sft", load_config("chat-sft", str(write_config(tmp_path / "s.yaml", **config))))
+    assert falls(summary["losses"]), summary["losses"]
+    tuned = AutoModel.from_pretrained(summary["saved"]).eval()
+    assert not torch.equal(tuned.state_dict()["llm.model.layers.0.self_attn.q_proj.weight"],
+                           aligned["llm.model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    processor = AutoProcessor.from_pretrained(summary["saved"])
+    answer, *_ = tuned.chat(colour_image("red"), "Describe the image concisely", processor, max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_lora_adapts_the_pivot_only_and_merges(tmp_path, quantization):
+    from peft import PeftModel
+
+    folder = pivot_folder(tmp_path)
+    adapted = add_lora(AutoModel.from_pretrained(folder), {"r": 4}, quantized=False, gradient_checkpointing=False)
+    names = [name for name, _ in adapted.named_parameters() if "lora_" in name]
+    assert names and all(".llm." in name and ("q_proj" in name or "v_proj" in name) for name in names)
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "quantization": quantization}
+    config = chat_config(tmp_path, folder, "lora", lora=lora, training={"learning_rate": 5e-2})
+    summary, _ = train("chat-sft", load_config("chat-sft", str(write_config(tmp_path / "c.yaml", **config))))
+    assert falls(summary["losses"]), summary["losses"]
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(images=[colour_image("red")], text=["what is it ?"])
+    inputs.pop("ext_tables")
+    with torch.no_grad():
+        adapted_logits = PeftModel.from_pretrained(AutoModel.from_pretrained(folder), summary["saved"])(**inputs).logits
+    assert main(["merge-lora", str(summary["saved"]), "--output", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged_logits = AutoModel.from_pretrained(tmp_path / "merged").eval()(**inputs).logits
+    torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-4)

@@ -28,6 +28,7 @@ from viscpm.training.data import (
     ImageTextCollator,
     SamplePreparer,
     SourceSpec,
+    StructuredSamples,
     caption_prompts,
     conversation_prompts,
     load_records,
@@ -179,7 +180,7 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
 
     spec = SourceSpec(path=str(caption_source(tmp_path / "data")), image_root=str(tmp_path / "data"))
     report = DataReport()
-    preparer = SamplePreparer(spec, processor.tokenizer, ChatPrompts("caption", processor), 64, 16)
+    preparer = SamplePreparer(spec, StructuredSamples(processor.tokenizer, 64), ChatPrompts("caption", processor), 16)
     kept = prepare_source(preparer, load_records(spec), report)
     assert len(kept) == 8 and report.records["captions"] == 13 and report.samples["captions"] == 8
     assert report.skipped["captions"] == {
@@ -199,7 +200,7 @@ def test_conversations_give_one_sample_per_round_and_skip_malformed_ones(tmp_pat
     spec = SourceSpec(path=str(conversation_source(tmp_path / "data")), kind="conversation",
                       image_root=str(tmp_path / "data"))  # fmt: skip
     report = DataReport()
-    preparer = SamplePreparer(spec, processor.tokenizer, ChatPrompts("conversation", processor), 80)
+    preparer = SamplePreparer(spec, StructuredSamples(processor.tokenizer, 80), ChatPrompts("conversation", processor))
     kept = prepare_source(preparer, load_records(spec), report)
     assert len(kept) == 2  # two rounds of the one good conversation
     assert sum(report.skipped["llava"].values()) == 2
@@ -232,7 +233,7 @@ def test_webdataset_shards_and_mixing_by_weight(tmp_path):
         SourceSpec(path=str(parquet), image_column="picture", text_column="text", weight=0.5),
     ]
     mixed, report = build_training_data(
-        specs, processor.tokenizer, lambda spec: ChatPrompts(spec.kind, processor), max_length=64
+        specs, StructuredSamples(processor.tokenizer, 64), lambda spec: ChatPrompts(spec.kind, processor)
     )
     assert report.samples == {"shard-000": 20, "captions": 4, "bytes": 2}
     # "all_exhausted" oversamples the smaller sources until every one is seen whole, drawing in a 3 : 1 : 0.5 ratio

@@ -46,7 +46,7 @@ def tiny_chat(tmp_path: Path, seed: int = 0):
 
 
 PIVOT_WORDS = ["user", "assistant", "system", "User", "AI", ":", "?", ".", "what", "is", "it", "a", "b", "c", "red",
-               "circle", "and", "now"]  # fmt: skip
+               "green", "blue", "black", "circle", "and", "now"]  # fmt: skip
 # the template of Qwen2's kind (ChatML); the Llama kind is tested without one (the processor's plain-text prompt)
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip

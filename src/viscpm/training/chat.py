@@ -1,12 +1,15 @@
 """VisCPM-Chat training: which parameters each MpM stage trains, and LoRA / QLoRA through peft.
 
-Stage 1 (`chat-pretrain`, the MpM alignment on English image-caption pairs): CPM-Bee frozen; BEiT-3's language
-experts (through which the queries run), its text position table, the queries and the mapping trained; the vision
-experts only with `tune_vision`. Stage 2 (`chat-sft`): everything, or LoRA adapters. In every stage the patch
-embedding (and the class token beside it) stays frozen, as in the original (`vision_embed.requires_grad_(False)`).
+Stage 1 (`chat-pretrain`, the MpM alignment on English image-caption pairs): the pivot (CPM-Bee or another)
+frozen; BEiT-3's language experts (through which the queries run), its text position table, the queries and the
+mapping trained; the vision experts only with `tune_vision`. Stage 2 (`chat-sft`): everything, or LoRA adapters.
+In every stage the patch embedding (and the class token beside it) stays frozen, as in the original
+(`vision_embed.requires_grad_(False)`).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -54,8 +57,22 @@ def bitsandbytes_config(quantization: str | None):
     raise ValueError(f"lora.quantization must be nf4, int8 or null, got {quantization!r}")
 
 
+def default_lora_targets(model: nn.Module) -> list[str] | str:
+    """CPM-Bee's projections; for another pivot, the modules peft adapts in that model type by default, inside the
+    pivot only (a regex: BEiT-3 has its own `q_proj` and `v_proj`)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if model.config.pivot_is_cpmbee:
+        return list(DEFAULT_LORA_TARGETS)
+    model_type = model.config.text_config.model_type
+    names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not names:
+        raise ValueError(f"peft has no default LoRA targets for {model_type!r} pivots: set lora.target_modules")
+    return rf"llm\..*\.({'|'.join(re.escape(name) for name in names)})"
+
+
 def add_lora(model: nn.Module, lora: dict, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
-    """peft LoRA adapters on `lora["target_modules"]` (CPM-Bee's projections by default); the base stays frozen."""
+    """peft LoRA adapters on `lora["target_modules"]` (by default `default_lora_targets`); the base stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -64,7 +81,7 @@ def add_lora(model: nn.Module, lora: dict, quantized: bool, gradient_checkpointi
         r=lora.get("r", 8),
         lora_alpha=lora.get("alpha", 16),
         lora_dropout=lora.get("dropout", 0.05),
-        target_modules=list(lora.get("target_modules") or DEFAULT_LORA_TARGETS),
+        target_modules=lora.get("target_modules") or default_lora_targets(model),
         modules_to_save=lora.get("modules_to_save"),
         bias="none",
     )

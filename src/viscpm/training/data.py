@@ -1,4 +1,5 @@
-"""Training data for MpM: records from `datasets`, turned into CPM-Bee training samples, mixed by ratio.
+"""Training data for MpM: records from `datasets`, turned into training samples for the pivot (CPM-Bee's structured
+samples, or another pivot's chat-template prompts with labelled answers), mixed by ratio.
 
 Two record kinds, each read from jsonl / json / csv / parquet files (an image path or the image's bytes in a column)
 or webdataset `.tar` shards:
@@ -226,23 +227,36 @@ def pick_caption(caption: Any, rng: random.Random) -> str:
     return rng.choice(caption.split(CAPTION_SEPARATOR))
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One training sample of another pivot than CPM-Bee: the prompt the processor builds for ``question`` after
+    ``context`` at inference, and ``answer`` as the target."""
+
+    question: str
+    answer: str
+    context: str = ""
+
+
+def caption_request(caption: str, rng: random.Random) -> str:
+    """One of the original's caption requests, in the caption's language."""
+    return rng.choice(CAPTION_PROMPTS_ZH if CHINESE_CHARACTER.search(caption) else CAPTION_PROMPTS_EN)
+
+
 def caption_prompts(caption: Any, rng: random.Random, query_num: int, tokenizer: CpmBeeTokenizer) -> list[dict]:
     """The original item builder's caption sample: a caption request in the caption's language, the caption as the
     answer."""
     caption = pick_caption(caption, rng)
-    prompts = CAPTION_PROMPTS_ZH if CHINESE_CHARACTER.search(caption) else CAPTION_PROMPTS_EN
     return [
         {
             "image": tokenizer.unk_token * query_num,
-            "input": rng.choice(prompts),
+            "input": caption_request(caption, rng),
             "<ans>": tokenizer.escape(caption),
         }
     ]
 
 
-def conversation_prompts(conversation: Any, processor) -> list[dict]:
-    """One sample per round of a LLaVA-style conversation: the prompt `processor` builds for that turn at inference
-    (`VisCPMChatProcessor.build_prompt`, earlier rounds as context), the escaped answer as the target."""
+def conversation_turns(conversation: Any) -> list[Turn]:
+    """The rounds of a LLaVA-style conversation, each with the earlier ones as `User: ...\nAI: ...\n` context."""
     if isinstance(conversation, str):
         try:
             conversation = json.loads(conversation)
@@ -256,28 +270,42 @@ def conversation_prompts(conversation: Any, processor) -> list[dict]:
         or [turn.get("from") for turn in conversation] != ["human", "gpt"] * (len(conversation) // 2)
     ):
         raise SkippedRecord("malformed conversation (expected alternating human / gpt turns)")
-    prompts, context = [], ""
+    turns, context = [], ""
     for index in range(0, len(conversation), 2):
         question = conversation[index]["value"].replace("<image>", "").strip()
         answer = conversation[index + 1]["value"]
         if not question or not answer.strip():
             raise SkippedRecord("empty question or answer in a conversation")
-        prompts.append(processor.build_prompt(question, context) | {"<ans>": processor.tokenizer.escape(answer)})
+        turns.append(Turn(question, answer, context))
         context += f"User: {question}\nAI: {answer.replace('<image>', '').strip()}\n"
-    return prompts
+    return turns
+
+
+def conversation_prompts(conversation: Any, processor) -> list[dict]:
+    """One CPM-Bee sample per round of a LLaVA-style conversation: the prompt `processor` builds for that turn at
+    inference (`VisCPMChatProcessor.build_prompt`, earlier rounds as context), the escaped answer as the target."""
+    return [
+        processor.build_prompt(turn.question, turn.context) | {"<ans>": processor.tokenizer.escape(turn.answer)}
+        for turn in conversation_turns(conversation)
+    ]
 
 
 @dataclass
 class ChatPrompts:
-    """A record's text -> the structured prompts of VisCPM-Chat training samples."""
+    """A record's text -> VisCPM-Chat training prompts: CPM-Bee's structured prompts, or another pivot's turns."""
 
     kind: str
     processor: Any  # VisCPMChatProcessor
 
-    def __call__(self, text: Any, rng: random.Random) -> list[dict]:
+    def __call__(self, text: Any, rng: random.Random) -> list[dict] | list[Turn]:
+        if self.processor.pivot_is_cpmbee:
+            if self.kind == "caption":
+                return caption_prompts(text, rng, self.processor.query_num, self.processor.tokenizer)
+            return conversation_prompts(text, self.processor)
         if self.kind == "caption":
-            return caption_prompts(text, rng, self.processor.query_num, self.processor.tokenizer)
-        return conversation_prompts(text, self.processor)
+            caption = pick_caption(text, rng)
+            return [Turn(caption_request(caption, rng), caption)]
+        return conversation_turns(text)
 
 
 def paint_prompts(text: Any, rng: random.Random) -> list[dict]:
@@ -298,14 +326,51 @@ def training_sample(tokenizer: CpmBeeTokenizer, prompt: dict, max_length: int) -
 
 
 @dataclass
+class StructuredSamples:
+    """CPM-Bee's structured prompts -> training samples (the per-token structure, the relation table)."""
+
+    tokenizer: CpmBeeTokenizer
+    max_length: int
+    columns = SAMPLE_COLUMNS
+
+    def __call__(self, prompt: dict) -> dict:
+        return training_sample(self.tokenizer, prompt, self.max_length)
+
+
+@dataclass
+class PivotSamples:
+    """Another pivot's turns -> training samples: the prompt as the processor builds it at inference, then the
+    answer and the end-of-sequence token, which alone are labelled."""
+
+    processor: Any  # VisCPMChatProcessor
+    max_length: int
+    columns = ("input_ids", "labels", "image_bound", "image")
+
+    def __call__(self, turn: Turn) -> dict:
+        tokenizer = self.processor.tokenizer
+        prompt, image_start = self.processor.prompt_ids(turn.question, turn.context)
+        answer = tokenizer(turn.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt) + len(answer) > self.max_length:
+            raise SkippedRecord(f"over max_length={self.max_length} tokens")
+        image_bound = [[image_start, image_start + self.processor.query_num]]
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "image_bound": image_bound}
+
+
+def chat_samples(processor, max_length: int) -> StructuredSamples | PivotSamples:
+    """How VisCPM-Chat training turns its pivot's prompts into samples."""
+    if processor.pivot_is_cpmbee:
+        return StructuredSamples(processor.tokenizer, max_length)
+    return PivotSamples(processor, max_length)
+
+
+@dataclass
 class SamplePreparer:
-    """`datasets.Dataset.map(batched=True, with_indices=True)` function: records -> samples, plus a `skipped` row
-    (reason, no sample) for every record that yields none."""
+    """`datasets.Dataset.map(batched=True, with_indices=True)` function: records -> samples (``samples`` encodes the
+    prompts ``make_prompts`` gives), plus a `skipped` row (reason, no sample) for every record that yields none."""
 
     spec: SourceSpec
-    tokenizer: CpmBeeTokenizer
-    make_prompts: Callable[[Any, random.Random], list[dict]]
-    max_length: int
+    samples: StructuredSamples | PivotSamples
+    make_prompts: Callable[[Any, random.Random], list]
     min_image_size: int = 0
     rounds: str = "all"
     seed: int = 0
@@ -322,7 +387,7 @@ class SamplePreparer:
         samples, over_long = [], None
         for prompt in prompts:
             try:
-                samples.append(training_sample(self.tokenizer, prompt, self.max_length) | {"image": data})
+                samples.append(self.samples(prompt) | {"image": data})
             except SkippedRecord as reason:  # the original skips an over-long round and keeps the others
                 over_long = reason
         if not samples:
@@ -330,7 +395,7 @@ class SamplePreparer:
         return samples
 
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
-        columns = {name: [] for name in (*SAMPLE_COLUMNS, "record", "skipped")}
+        columns = {name: [] for name in (*self.samples.columns, "record", "skipped")}
         for position, index in enumerate(indices):
             record = {name: values[position] for name, values in batch.items()}
             try:
@@ -338,7 +403,7 @@ class SamplePreparer:
             except SkippedRecord as skipped:
                 samples, reason = [], str(skipped)
             for sample in samples or [None]:
-                for name in SAMPLE_COLUMNS:
+                for name in self.samples.columns:
                     columns[name].append(sample[name] if sample else None)
                 columns["record"].append(index)
                 columns["skipped"].append(reason)
@@ -382,14 +447,14 @@ def mix_sources(sources: Sequence[datasets.Dataset], weights: Sequence[float], s
 
 def build_training_data(
     specs: Sequence[SourceSpec],
-    tokenizer: CpmBeeTokenizer,
-    prompts_for: Callable[[SourceSpec], Callable[[Any, random.Random], list[dict]]],
-    max_length: int,
+    samples: StructuredSamples | PivotSamples,
+    prompts_for: Callable[[SourceSpec], Callable[[Any, random.Random], list]],
     min_image_size: int = 0,
     rounds: str = "all",
     seed: int = 0,
 ) -> tuple[datasets.Dataset, DataReport]:
-    """Every source prepared (`prompts_for(spec)` turns its records' texts into structured prompts) and mixed."""
+    """Every source prepared (`prompts_for(spec)` turns its records' texts into prompts, `samples` those into
+    samples) and mixed."""
     if not specs:
         raise ValueError("the config names no data source (data.sources)")
     if rounds not in ("all", "first"):
@@ -397,7 +462,7 @@ def build_training_data(
     report = DataReport()
     prepared = [
         prepare_source(
-            SamplePreparer(spec, tokenizer, prompts_for(spec), max_length, min_image_size, rounds, seed),
+            SamplePreparer(spec, samples, prompts_for(spec), min_image_size, rounds, seed),
             load_records(spec),
             report,
         )
@@ -423,5 +488,36 @@ class ImageTextCollator:
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(rows)
         batch.pop("pixel_values", None)
-        batch["pixel_values"] = torch.stack([self.image_transform(open_image(row["image"])) for row in rows])
+        batch["pixel_values"] = pixel_batch(rows, self.image_transform)
         return batch
+
+
+def pixel_batch(rows: Sequence[Mapping], image_transform: Callable[[PIL.Image.Image], Any]) -> torch.Tensor:
+    return torch.stack([image_transform(open_image(row["image"])) for row in rows])
+
+
+@dataclass
+class PivotCollator:
+    """`PivotSamples` -> a model batch for another pivot: padded on the right (labels with -100; the model's
+    positions follow the attention mask), the pixels through `image_transform`."""
+
+    pad_token_id: int
+    image_transform: Callable[[PIL.Image.Image], Any]
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[index, :length] = torch.tensor(row["input_ids"])
+            labels[index, :length] = torch.tensor(row["labels"])
+            attention_mask[index, :length] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "image_bound": torch.tensor([row["image_bound"] for row in rows]),
+            "pixel_values": pixel_batch(rows, self.image_transform),
+        }

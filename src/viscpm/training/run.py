@@ -155,7 +155,7 @@ def build_chat(stage: str, config: dict, arguments):
     from transformers import AutoModel, AutoProcessor
 
     from .chat import add_lora, bitsandbytes_config, set_chat_trainable, trainable_summary
-    from .data import ChatPrompts, ImageTextCollator, build_training_data
+    from .data import ChatPrompts, ImageTextCollator, PivotCollator, build_training_data, chat_samples
 
     lora = config["lora"]
     quantization = bitsandbytes_config(lora.get("quantization")) if lora else None
@@ -172,9 +172,8 @@ def build_chat(stage: str, config: dict, arguments):
     data = config["data"]
     dataset, report = build_training_data(
         source_specs(config),
-        processor.tokenizer,
+        chat_samples(processor, data["max_length"]),
         lambda spec: ChatPrompts(spec.kind, processor),
-        max_length=data["max_length"],
         min_image_size=data["min_image_size"],
         rounds=data["conversation_rounds"],
         seed=config["seed"],
@@ -183,7 +182,10 @@ def build_chat(stage: str, config: dict, arguments):
     def pixels(image):
         return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
-    collator = ImageTextCollator(processor.tokenizer, data["max_length"], pixels)
+    if processor.pivot_is_cpmbee:
+        collator = ImageTextCollator(processor.tokenizer, data["max_length"], pixels)
+    else:
+        collator = PivotCollator(processor.pad_token_id, pixels)
     return model, processor, dataset, report, collator, []
 
 
@@ -191,7 +193,7 @@ def build_paint(config: dict):
     from diffusers import DDPMScheduler
 
     from ..modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
-    from .data import build_training_data, paint_prompts
+    from .data import StructuredSamples, build_training_data, paint_prompts
     from .paint import DEFAULT_UNFREEZE, PaintCollator, StagedUnfreezing, VisCPMPaintTrainingModel
 
     pipeline = VisCPMPaintPipeline.from_pretrained(config["model"])
@@ -204,9 +206,8 @@ def build_paint(config: dict):
     data = config["data"]
     dataset, report = build_training_data(
         source_specs(config),
-        pipeline.tokenizer,
+        StructuredSamples(pipeline.tokenizer, data["max_length"]),
         lambda spec: paint_prompts,
-        max_length=data["max_length"],
         min_image_size=data["min_image_size"],
         seed=config["seed"],
     )
