@@ -213,3 +213,32 @@ def test_lora_adapts_the_pivot_only_and_merges(tmp_path, quantization):
     with torch.no_grad():
         merged_logits = AutoModel.from_pretrained(tmp_path / "merged").eval()(**inputs).logits
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_assemble_chat_puts_a_pivot_and_a_vision_tower_together(tmp_path, capsys):
+    from tiny_models import tiny_chat
+
+    language_model, processor = expressive_pivot("qwen2")
+    pivot = tmp_path / "pivot"
+    language_model.llm.save_pretrained(pivot)
+    processor.tokenizer.save_pretrained(pivot)
+    donor_model, donor_processor = tiny_chat(tmp_path)
+    donor = tmp_path / "donor"
+    donor_model.save_pretrained(donor)
+    donor_processor.save_pretrained(donor)
+
+    output = tmp_path / "assembled"
+    arguments = ["assemble-chat", "--pivot", pivot, "--vision", donor, "--output", output, "--query-num", 4]
+    assert main([str(argument) for argument in arguments]) == 0
+    model, assembled = AutoModel.from_pretrained(output).eval(), AutoProcessor.from_pretrained(output)
+    weights = model.state_dict()
+    assert all(torch.equal(weights[f"llm.{k}"], v) for k, v in language_model.llm.state_dict().items())
+    donor_weights = donor_model.state_dict()
+    assert all(torch.equal(weights[k], donor_weights[k]) for k in donor_weights if k.startswith(("vpm.", "query")))
+    assert assembled.tokenizer.chat_template == processor.tokenizer.chat_template and assembled.query_num == 4
+    answer, *_ = model.chat(tiny_image(1), "what is it ?", assembled, max_new_tokens=3)
+    assert isinstance(answer, str)
+
+    capsys.readouterr()
+    assert main(["assemble-chat", "--pivot", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err and not (tmp_path / "x").exists()

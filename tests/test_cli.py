@@ -453,6 +453,7 @@ FUZZ_COMMANDS = {
     "convert paint": (["--checkpoint", "--vocab", "--vae", "--config", "--output"], []),
     "train chat-sft": (["--config", "--set"], []),
     "merge-lora": (["--output", "--base"], []),
+    "assemble-chat": (["--pivot", "--vision", "--output", "--query-num"], []),
 }
 fuzz_value = st.one_of(
     st.text(max_size=12), st.integers(-(2**70), 2**70).map(str), st.sampled_from(["", ".", "/", "/proc", "x.png", "-1"])

@@ -590,6 +590,34 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_assemble_chat_parser(subcommands) -> None:
+    assemble = subcommands.add_parser(
+        "assemble-chat",
+        help="a VisCPM-Chat folder on another multilingual LLM as the pivot, ready for viscpm train",
+        description="Build a VisCPM-Chat folder whose language model is --pivot (any folder AutoModelForCausalLM and "
+        "AutoTokenizer load: weights, tokenizer, chat template, generation config) and whose BEiT-3 and queries come "
+        "from --vision (a VisCPM-Chat folder; random without it). The mapping into the pivot's width is new: train it "
+        "with `viscpm train chat-pretrain` (docs/mpm-recipe.md).",
+    )
+    assemble.add_argument("--pivot", required=True, type=Path, metavar="DIR", help="the pivot language model")
+    assemble.add_argument("--vision", type=Path, metavar="DIR", help="VisCPM-Chat folder to take BEiT-3 from")
+    assemble.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write")
+    assemble.add_argument("--query-num", type=_positive_int, default=64, metavar="N", help="learned queries (64)")
+    assemble.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    assemble.set_defaults(handler=_run_assemble_chat)
+
+
+def _run_assemble_chat(args: argparse.Namespace) -> int:
+    from .training.pivot import assemble_chat
+
+    try:
+        folder = assemble_chat(args.pivot, args.output, args.vision, args.query_num, overwrite=args.overwrite)
+    except (OSError, ValueError) as error:  # a missing or unloadable folder: transformers' own words
+        raise CommandError(str(error).strip().splitlines()[0]) from None
+    print(f"VisCPM-Chat on {args.pivot} written to {folder}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- experiment
 
 
@@ -760,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_paint_parser(subcommands)
     _add_train_parser(subcommands)
     _add_merge_lora_parser(subcommands)
+    _add_assemble_chat_parser(subcommands)
     _add_experiment_parser(subcommands)
     _add_serve_parser(subcommands)
     _add_demo_parser(subcommands)
