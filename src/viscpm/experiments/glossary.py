@@ -1,4 +1,5 @@
-"""The fixed glossary and question templates of the mpm-mini experiment (no machine translation anywhere).
+"""The fixed glossary and question templates of the mpm-mini experiment, in seven languages (no machine translation
+anywhere).
 
 easy-vqa's world has three shapes, eight colours and yes / no; its English questions come from 24 templates. Here:
 
@@ -9,6 +10,9 @@ easy-vqa's world has three shapes, eight colours and yes / no; its English quest
   evaluation.
 * `EN_DESCRIPTION` / `ZH_DESCRIPTION`: how a scene is written as text ("a red circle" / "一个红色的圆形"), for the
   pivot's text and the stage-1 captions.
+* German, French, Spanish, Italian and Portuguese (the paper's six-language claim, with English): `WORDS`,
+  `DESCRIPTIONS`, `TRAIN_TEMPLATES`, `EVAL_TEMPLATES` and `CAPTION_REQUESTS` per language, the same roles as the
+  Chinese tables.
 
 Question kinds: `shape` (what shape), `colour` (what colour), `has_colour` (is there a <colour> shape: yes / no),
 `has_shape` (is there a <shape>: yes / no). easy-vqa's negated questions ("does the image not contain ...") have no
@@ -67,6 +71,82 @@ ZH_EVAL_TEMPLATES = {
     "has_shape": ("图片里有没有{shape}？", "这张图里有{shape}吗？"),
 }
 
+# Five more languages of the paper's six-language claim (English, German, French, Spanish, Italian, Portuguese),
+# written by hand like the Chinese tables. The phrasings keep every slot uninflected: a colour is predicative after
+# a masculine or neuter subject ("ist das Objekt rot?", "l'objet est-il rouge ?"), a shape follows "ein" / "un" /
+# "um" (every shape noun here is masculine, or neuter in German), so an answer word fills every slot as it is.
+EUROPEAN = ("de", "fr", "es", "it", "pt")
+LANGUAGES = ("en", "zh", *EUROPEAN)
+
+WORDS = {
+    "zh": ZH,
+    "de": {"circle": "Kreis", "rectangle": "Rechteck", "triangle": "Dreieck", "red": "rot", "green": "grün",
+           "blue": "blau", "black": "schwarz", "gray": "grau", "yellow": "gelb", "teal": "türkis", "brown": "braun",
+           "yes": "ja", "no": "nein"},
+    "fr": {"circle": "cercle", "rectangle": "rectangle", "triangle": "triangle", "red": "rouge", "green": "vert",
+           "blue": "bleu", "black": "noir", "gray": "gris", "yellow": "jaune", "teal": "turquoise", "brown": "marron",
+           "yes": "oui", "no": "non"},
+    "es": {"circle": "círculo", "rectangle": "rectángulo", "triangle": "triángulo", "red": "rojo", "green": "verde",
+           "blue": "azul", "black": "negro", "gray": "gris", "yellow": "amarillo", "teal": "turquesa",
+           "brown": "marrón", "yes": "sí", "no": "no"},
+    "it": {"circle": "cerchio", "rectangle": "rettangolo", "triangle": "triangolo", "red": "rosso", "green": "verde",
+           "blue": "blu", "black": "nero", "gray": "grigio", "yellow": "giallo", "teal": "turchese",
+           "brown": "marrone", "yes": "sì", "no": "no"},
+    "pt": {"circle": "círculo", "rectangle": "retângulo", "triangle": "triângulo", "red": "vermelho", "green": "verde",
+           "blue": "azul", "black": "preto", "gray": "cinza", "yellow": "amarelo", "teal": "turquesa",
+           "brown": "marrom", "yes": "sim", "no": "não"},
+}  # fmt: skip
+GERMAN_NEUTER = ("rectangle", "triangle")  # das Rechteck, das Dreieck: "ein rotes Rechteck", but "ein roter Kreis"
+
+DESCRIPTIONS = {"en": EN_DESCRIPTION, "zh": ZH_DESCRIPTION, "fr": "un {shape} {colour}", "es": "un {shape} {colour}",
+                "it": "un {shape} {colour}", "pt": "um {shape} {colour}"}  # fmt: skip
+
+TRAIN_TEMPLATES = {
+    "zh": ZH_TRAIN_TEMPLATES,
+    "de": {"shape": ("Welche Form ist im Bild?",), "colour": ("Welche Farbe hat die Form?",),
+           "has_colour": ("Ist die Form {colour}?",), "has_shape": ("Ist im Bild ein {shape}?",)},
+    "fr": {"shape": ("Quelle forme y a-t-il dans l'image ?",), "colour": ("De quelle couleur est l'objet ?",),
+           "has_colour": ("L'objet est-il {colour} ?",), "has_shape": ("Y a-t-il un {shape} dans l'image ?",)},
+    "es": {"shape": ("¿Qué forma hay en la imagen?",), "colour": ("¿De qué color es el objeto?",),
+           "has_colour": ("¿El objeto es {colour}?",), "has_shape": ("¿Hay un {shape} en la imagen?",)},
+    "it": {"shape": ("Che forma c'è nell'immagine?",), "colour": ("Di che colore è l'oggetto?",),
+           "has_colour": ("L'oggetto è {colour}?",), "has_shape": ("C'è un {shape} nell'immagine?",)},
+    "pt": {"shape": ("Que forma há na imagem?",), "colour": ("De que cor é o objeto?",),
+           "has_colour": ("O objeto é {colour}?",), "has_shape": ("Há um {shape} na imagem?",)},
+}  # fmt: skip
+EVAL_TEMPLATES = {
+    "zh": ZH_EVAL_TEMPLATES,
+    "de": {"shape": ("Was für eine Form siehst du?", "Welche Form hat das Objekt?"),
+           "colour": ("In welcher Farbe ist das Objekt?", "Welche Farbe siehst du?"),
+           "has_colour": ("Ist das Objekt {colour}?", "Ist die Figur im Bild {colour}?"),
+           "has_shape": ("Ist das Objekt ein {shape}?", "Zeigt das Bild ein {shape}?")},
+    "fr": {"shape": ("Quelle est la forme de l'objet ?", "Tu vois quelle forme ?"),
+           "colour": ("Quelle est la couleur de l'objet ?", "Tu vois quelle couleur ?"),
+           "has_colour": ("Est-ce que l'objet est {colour} ?", "L'objet de l'image est-il {colour} ?"),
+           "has_shape": ("Est-ce que l'objet est un {shape} ?", "L'image montre-t-elle un {shape} ?")},
+    "es": {"shape": ("¿Cuál es la forma del objeto?", "¿Qué forma ves?"),
+           "colour": ("¿Cuál es el color del objeto?", "¿Qué color ves?"),
+           "has_colour": ("¿Es {colour} el objeto?", "¿El objeto de la imagen es {colour}?"),
+           "has_shape": ("¿Es el objeto un {shape}?", "¿La imagen muestra un {shape}?")},
+    "it": {"shape": ("Qual è la forma dell'oggetto?", "Che forma vedi?"),
+           "colour": ("Qual è il colore dell'oggetto?", "Che colore vedi?"),
+           "has_colour": ("È {colour} l'oggetto?", "L'oggetto nell'immagine è {colour}?"),
+           "has_shape": ("L'oggetto è un {shape}?", "L'immagine mostra un {shape}?")},
+    "pt": {"shape": ("Qual é a forma do objeto?", "Que forma você vê?"),
+           "colour": ("Qual é a cor do objeto?", "Que cor você vê?"),
+           "has_colour": ("É {colour} o objeto?", "O objeto da imagem é {colour}?"),
+           "has_shape": ("O objeto é um {shape}?", "A imagem mostra um {shape}?")},
+}  # fmt: skip
+# the caption requests of the pivot's text in the new languages (the original's, for English and Chinese, are in
+# training/data.py)
+CAPTION_REQUESTS = {
+    "de": ("Beschreibe das Bild kurz", "Was zeigt das Bild?"),
+    "fr": ("Décris l'image brièvement", "Que montre l'image ?"),
+    "es": ("Describe la imagen brevemente", "¿Qué muestra la imagen?"),
+    "it": ("Descrivi l'immagine brevemente", "Cosa mostra l'immagine?"),
+    "pt": ("Descreva a imagem brevemente", "O que a imagem mostra?"),
+}
+
 _SLOT = {"{colour}": "(?P<colour>" + "|".join(COLOURS) + ")", "{shape}": "(?P<shape>" + "|".join(SHAPES) + ")"}
 
 
@@ -91,17 +171,25 @@ def question_kind(question: str) -> tuple[str, dict] | None:
 
 def fill(template: str, language: str, colour: str | None = None, shape: str | None = None) -> str:
     words = {"colour": colour, "shape": shape}
-    if language == "zh":
-        words = {key: ZH[value] if value else value for key, value in words.items()}
+    if language != "en":
+        words = {key: WORDS[language][value] if value else value for key, value in words.items()}
     return template.format(**{key: value for key, value in words.items() if value})
 
 
 def answer_in(language: str, answer: str) -> str:
-    return ZH[answer] if language == "zh" else answer
+    return answer if language == "en" else WORDS[language][answer]
 
 
 def describe(language: str, colour: str, shape: str) -> str:
-    return fill(EN_DESCRIPTION if language == "en" else ZH_DESCRIPTION, language, colour, shape)
+    if language == "de":  # the adjective's ending follows the noun's gender
+        ending = "es" if shape in GERMAN_NEUTER else "er"
+        return f"ein {WORDS['de'][colour]}{ending} {WORDS['de'][shape]}"
+    return fill(DESCRIPTIONS[language], language, colour, shape)
+
+
+def train_templates(language: str) -> dict[str, tuple[str, ...]]:
+    """The phrasings training may use in ``language``: easy-vqa's for English, the training table otherwise."""
+    return EN_TEMPLATES if language == "en" else TRAIN_TEMPLATES[language]
 
 
 def answer_for(kind: str, scene: dict, slots: dict) -> str:
@@ -117,8 +205,11 @@ def answer_for(kind: str, scene: dict, slots: dict) -> str:
 
 def all_texts() -> list[str]:
     """Every string the experiment's vocabulary must cover (the templates, the glossary, the descriptions)."""
-    texts = list(ZH.values()) + list(ZH) + [EN_DESCRIPTION, ZH_DESCRIPTION]
-    for table in (EN_TEMPLATES, ZH_TRAIN_TEMPLATES, ZH_EVAL_TEMPLATES):
+    texts = list(ZH) + list(DESCRIPTIONS.values())
+    texts += [word for words in WORDS.values() for word in words.values()]
+    texts += [describe("de", colour, shape) for colour in COLOURS for shape in SHAPES]
+    texts += [request for requests in CAPTION_REQUESTS.values() for request in requests]
+    for table in (EN_TEMPLATES, *TRAIN_TEMPLATES.values(), *EVAL_TEMPLATES.values()):
         for templates in table.values():
             texts += list(templates)
     return texts
