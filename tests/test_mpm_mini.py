@@ -74,11 +74,20 @@ def test_vocabulary_covers_every_text_without_ext_ids(tmp_path):
             assert not ext_table, text
 
 
+def test_the_qwen2_pivots_tokenizer_gives_every_text_back_exactly(tmp_path):
+    _, questions, _ = mpm_mini.load_world("train")
+    tokenizer = mpm_mini.qwen2_tokenizer(mpm_mini.vocabulary([q for *_, q in questions]))
+    texts = [text for prompt in mpm_mini.pivot_prompts(g.LANGUAGES, random.Random(0), 1000) for text in prompt.values()]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text, text
+
+
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     """Every stage of every system for a few steps on tiny sizes, through the command line."""
     assert main(["experiment", "mpm-mini", "--quick", "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["systems"]) == set(mpm_mini.SYSTEMS)
+    assert set(results["systems"]) == {*mpm_mini.SYSTEMS, *(f"{system} (qwen2)" for system in mpm_mini.SYSTEMS)}
     for entry in results["systems"].values():
         assert set(entry["accuracy"]) == set(g.LANGUAGES) and all(0 <= v <= 1 for v in entry["accuracy"].values())
         assert entry["losses"]["stage2"]

@@ -38,6 +38,9 @@ from . import glossary as g
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>")
 STRUCTURE_WORDS = ("image", "context", "question", "input", "caption", "objects", "User", "AI")
 SYSTEMS = ("mpm", "english_pivot", "native")
+PIVOTS = ("cpmbee", "qwen2")
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 PROGRESS = functools.partial(print, flush=True)
 EVAL_NEW_TOKENS = 6  # the longest answer (三角形, rectangle) is 3 tokens, then </s>
 
@@ -69,6 +72,9 @@ class MiniConfig:
     )
     query_num: int = 8
     systems: tuple = SYSTEMS
+    # the pivots the recipe runs on: CPM-Bee (this repository's class) and Qwen2 (transformers'), both from scratch on
+    # the same text, vocabulary and sizes
+    pivots: tuple = PIVOTS
 
 
 CONFIG = MiniConfig()
@@ -170,24 +176,68 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
     return prompts
 
 
-def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], output: Path):
-    """A CPM-Bee LM trained from scratch on `pivot_prompts` with transformers' Trainer."""
+def qwen2_tokenizer(vocab: list[str]):
+    """The experiment's vocabulary as a transformers fast tokenizer for the Qwen2 pivot: Latin words whole, every
+    other character (spaces and line breaks included) alone, pieces joined back as they were; a ChatML template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    turns = ["<|im_start|>", "<|im_end|>"]
+    tokens = [*vocab, *turns, " ", "\n"]
+    backend = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-zÀ-ÖØ-öø-ÿ’']+|[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="<|im_end|>", additional_special_tokens=turns,
+                                   chat_template=CHATML)  # fmt: skip
+
+
+def pivot_text_samples(prompts: list[dict], processor) -> list[dict]:
+    """`pivot_prompts` for the Qwen2 pivot: the prompt its processor builds at inference with the scene's
+    description where the image goes, then the answer and the end token (the only labelled tokens)."""
+    from ..modeling.processing_viscpm_chat import IMAGE_MARKER
+
+    tokenizer, samples = processor.tokenizer, []
+    for prompt in prompts:
+        text = processor.prompt_text(prompt.get("question") or prompt["input"]).replace(IMAGE_MARKER, prompt["image"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(prompt["<ans>"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        samples.append({"input_ids": ids + answer, "labels": [-100] * len(ids) + answer})
+    return samples
+
+
+def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], output: Path, kind: str = "cpmbee"):
+    """A pivot LM of ``kind`` (CPM-Bee, or Qwen2 with ``tokenizer`` a processor's fast tokenizer) trained from
+    scratch on `pivot_prompts` with transformers' Trainer."""
     import datasets
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments, set_seed
 
     from ..modeling.configuration_cpmbee import CpmBeeConfig
     from ..modeling.modeling_cpmbee import CpmBeeForCausalLM
-    from ..training.data import training_sample
+    from ..training.data import PivotCollator, training_sample
 
     set_seed(config.seed)
     rng = random.Random(config.seed)
-    samples = [
-        training_sample(tokenizer, prompt, 10**6) for prompt in pivot_prompts(languages, rng, config.pivot_samples)
-    ]
-    max_length = max(len(sample["input_ids"]) for sample in samples)
-    model = CpmBeeForCausalLM(
-        CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **config.text)
-    )
+    prompts = pivot_prompts(languages, rng, config.pivot_samples)
+    if kind == "cpmbee":
+        samples = [training_sample(tokenizer, prompt, 10**6) for prompt in prompts]
+        max_length = max(len(sample["input_ids"]) for sample in samples)
+        model = CpmBeeForCausalLM(
+            CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **config.text)
+        )
+        collator = CpmBeeTrainingCollator(tokenizer, max_length)
+    else:
+        processor = pivot_processor(config, tokenizer)
+        samples = pivot_text_samples(prompts, processor)
+        text = config.text
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=text["dim_model"], intermediate_size=text["dim_ff"],
+            num_hidden_layers=text["num_layers"], num_attention_heads=text["num_heads"],
+            num_key_value_heads=text["num_heads"], head_dim=text["dim_head"], max_position_embeddings=512,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))  # fmt: skip
+        collator = PivotCollator(processor.pad_token_id, None)
     arguments = TrainingArguments(
         output_dir=str(output), max_steps=config.pivot_steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(100, config.pivot_steps // 10),
@@ -198,20 +248,28 @@ def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], outpu
         model=model,
         args=arguments,
         train_dataset=datasets.Dataset.from_list(samples),
-        data_collator=CpmBeeTrainingCollator(tokenizer, max_length),
+        data_collator=collator,
     )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return model.eval(), losses
 
 
+def pivot_processor(config: MiniConfig, tokenizer):
+    """VisCPM-Chat's processor for the experiment's image size and queries, on the pivot's tokenizer."""
+    from ..modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
+    from ..modeling.processing_viscpm_chat import VisCPMChatProcessor
+
+    size = config.vision["image_size"]
+    image_processor = VisCPMChatImageProcessor(size={"height": size, "width": size})
+    return VisCPMChatProcessor(image_processor, tokenizer, query_num=config.query_num, max_prompt_length=256)
+
+
 def chat_folder(config: MiniConfig, pivot, tokenizer, output: Path) -> Path:
     """VisCPM-Chat around the pivot (its weights copied), saved with its processor: the input of stage 1."""
     from ..modeling.configuration_beit3 import Beit3VisionConfig
     from ..modeling.configuration_viscpm_chat import VisCPMChatConfig
-    from ..modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
     from ..modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
-    from ..modeling.processing_viscpm_chat import VisCPMChatProcessor
 
     torch.manual_seed(config.seed)
     vision = Beit3VisionConfig(max_source_positions=config.query_num + 8, **config.vision)
@@ -219,15 +277,8 @@ def chat_folder(config: MiniConfig, pivot, tokenizer, output: Path) -> Path:
                                    max_prompt_length=256)  # fmt: skip
     model = VisCPMChatForConditionalGeneration(chat_config)
     model.llm.load_state_dict(pivot.state_dict())
-    size = config.vision["image_size"]
-    processor = VisCPMChatProcessor(
-        VisCPMChatImageProcessor(size={"height": size, "width": size}),
-        tokenizer,
-        query_num=config.query_num,
-        max_prompt_length=256,
-    )
     model.save_pretrained(output)
-    processor.save_pretrained(output)
+    pivot_processor(config, tokenizer).save_pretrained(output)
     return output
 
 
@@ -355,43 +406,49 @@ def accuracy(model_dir: Path, examples: list[tuple[str, str, str]], batch_size: 
 
 
 def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
-    """Every system: pivot, stage 1, stage 2, evaluation. Writes `results.json` (and the trained models) to
-    `output`; returns the results."""
+    """Every system on every pivot: pivot, stage 1, stage 2, evaluation. Writes `results.json` (and the trained
+    models) to `output`; returns the results."""
     from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     train_scenes, train_questions, train_paths = load_world("train")
     test_scenes, test_questions, test_paths = load_world("test")
-    tokenizer = CpmBeeTokenizer(vocab_file=str(write_vocabulary(output / "vocab.txt")))
+    vocab = write_vocabulary(output / "vocab.txt")
+    tokenizers = {"cpmbee": CpmBeeTokenizer(vocab_file=str(vocab))}
+    tokenizers["qwen2"] = qwen2_tokenizer(vocab.read_text("utf-8").splitlines())
     evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
-    results = {"config": asdict(config), "vocab_size": tokenizer.vocab_size, "systems": {}}
+    results = {"config": asdict(config), "vocab_size": tokenizers["cpmbee"].vocab_size, "systems": {}}
     results["split"] = {"train_images": config.train_images or len(train_scenes), "test_images": len(test_scenes),
                         "eval_questions_per_language": len(evaluation["en"])}  # fmt: skip
-    pivots = {}
-    for system in config.systems:
-        languages = ("en",) if system == "english_pivot" else tuple(config.languages)
-        work = output / system
-        if languages not in pivots:
-            log(f"[{time.perf_counter() - started:5.0f} s] pivot on {'+'.join(languages)} text")
-            pivots[languages] = train_pivot(config, tokenizer, languages, output / f"pivot-{'-'.join(languages)}")
-        pivot, pivot_losses = pivots[languages]
-        base = chat_folder(config, pivot, tokenizer, work / "base")
-        counts = write_stage_data(work / "data", config, system, train_scenes, train_questions, train_paths)
-        log(f"[{time.perf_counter() - started:5.0f} s] {system}: stage 1 on {counts['captions']} captions")
-        stage1 = run_stage("chat-pretrain", base, work / "data" / "captions.jsonl", "caption", config.stage1_steps,
-                           config, work / "stage1")  # fmt: skip
-        log(f"[{time.perf_counter() - started:5.0f} s] {system}: stage 2 on {counts['conversations']} conversations")
-        stage2 = run_stage("chat-sft", Path(stage1["saved"]), work / "data" / "vqa.json", "conversation",
-                           config.stage2_steps, config, work / "stage2")  # fmt: skip
-        scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
-        log(f"[{time.perf_counter() - started:5.0f} s] {system}: accuracy {scores}")
-        results["systems"][system] = {
-            "accuracy": scores,
-            "model": stage2["saved"],
-            "data": counts,
-            "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
-        }
+    for kind in config.pivots:
+        tokenizer, pivots = tokenizers[kind], {}
+        for system in config.systems:
+            name = system if kind == "cpmbee" else f"{system} ({kind})"  # the CPM-Bee rows keep their names
+            languages = ("en",) if system == "english_pivot" else tuple(config.languages)
+            work = output / name.replace(" (", "-").rstrip(")")
+            if languages not in pivots:
+                log(f"[{time.perf_counter() - started:5.0f} s] {kind} pivot on {'+'.join(languages)} text")
+                pivot_dir = output / f"pivot-{kind}-{'-'.join(languages)}"
+                pivots[languages] = train_pivot(config, tokenizer, languages, pivot_dir, kind)
+            pivot, pivot_losses = pivots[languages]
+            base = chat_folder(config, pivot, tokenizer, work / "base")
+            counts = write_stage_data(work / "data", config, system, train_scenes, train_questions, train_paths)
+            log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 1 on {counts['captions']} captions")
+            stage1 = run_stage("chat-pretrain", base, work / "data" / "captions.jsonl", "caption",
+                               config.stage1_steps, config, work / "stage1")  # fmt: skip
+            log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 2 on {counts['conversations']} conversations")
+            stage2 = run_stage("chat-sft", Path(stage1["saved"]), work / "data" / "vqa.json", "conversation",
+                               config.stage2_steps, config, work / "stage2")  # fmt: skip
+            scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
+            log(f"[{time.perf_counter() - started:5.0f} s] {name}: accuracy {scores}")
+            results["systems"][name] = {
+                "pivot": kind,
+                "accuracy": scores,
+                "model": stage2["saved"],
+                "data": counts,
+                "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
+            }
     results["seconds"] = round(time.perf_counter() - started)
     (output / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", "utf-8")
     return results

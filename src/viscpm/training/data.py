@@ -499,10 +499,11 @@ def pixel_batch(rows: Sequence[Mapping], image_transform: Callable[[PIL.Image.Im
 @dataclass
 class PivotCollator:
     """`PivotSamples` -> a model batch for another pivot: padded on the right (labels with -100; the model's
-    positions follow the attention mask), the pixels through `image_transform`."""
+    positions follow the attention mask), the pixels through `image_transform` (None: text only, as in a pivot's
+    own pretraining)."""
 
     pad_token_id: int
-    image_transform: Callable[[PIL.Image.Image], Any]
+    image_transform: Callable[[PIL.Image.Image], Any] | None
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         width = max(len(row["input_ids"]) for row in rows)
@@ -514,10 +515,8 @@ class PivotCollator:
             input_ids[index, :length] = torch.tensor(row["input_ids"])
             labels[index, :length] = torch.tensor(row["labels"])
             attention_mask[index, :length] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "image_bound": torch.tensor([row["image_bound"] for row in rows]),
-            "pixel_values": pixel_batch(rows, self.image_transform),
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.image_transform is not None:
+            batch["image_bound"] = torch.tensor([row["image_bound"] for row in rows])
+            batch["pixel_values"] = pixel_batch(rows, self.image_transform)
+        return batch
