@@ -216,7 +216,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             )
             input_ids = None
 
-        if not self.config.pivot_is_cpmbee:
+        if not self.config.pivot_is_cpmbee:  # transformers' causal LM arguments
             position_ids = None
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
@@ -231,35 +231,28 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
                 output_hidden_states=output_hidden_states,
                 logits_to_keep=logits_to_keep,
             )
-            return VisCPMChatOutput(
-                loss=outputs.loss,
-                logits=outputs.logits,
-                cache=outputs.cache,
-                hidden_states=outputs.hidden_states,
-                vision_hidden_states=vision_hidden_states,
+        else:
+            outputs = self.llm(
+                input_ids=input_ids,
+                input_id_subs=input_id_subs,
+                attention_mask=attention_mask,
+                context=context,
+                segment_ids=segment_ids,
+                num_segments=num_segments,
+                segment_rel_offset=segment_rel_offset,
+                segment_rel=segment_rel,
+                sample_ids=sample_ids,
+                span=span,
+                ext_table_ids=ext_table_ids,
+                ext_table_sub=ext_table_sub,
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                labels=labels,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                logits_to_keep=logits_to_keep,
+                logits_transform=logits_transform,
             )
-
-        outputs = self.llm(
-            input_ids=input_ids,
-            input_id_subs=input_id_subs,
-            attention_mask=attention_mask,
-            context=context,
-            segment_ids=segment_ids,
-            num_segments=num_segments,
-            segment_rel_offset=segment_rel_offset,
-            segment_rel=segment_rel,
-            sample_ids=sample_ids,
-            span=span,
-            ext_table_ids=ext_table_ids,
-            ext_table_sub=ext_table_sub,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            labels=labels,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            logits_to_keep=logits_to_keep,
-            logits_transform=logits_transform,
-        )
         return VisCPMChatOutput(
             loss=outputs.loss,
             logits=outputs.logits,
