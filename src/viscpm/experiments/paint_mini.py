@@ -31,6 +31,7 @@ from . import mpm_mini
 
 SYSTEMS = ("mpm", "english_pivot")
 PIVOT_LANGUAGES = {"mpm": ("en", "zh"), "english_pivot": ("en",)}
+PROMPT_LANGUAGES = ("en", "zh")  # of the evaluation prompts
 SCENES = tuple((colour, shape) for colour in g.COLOURS for shape in g.SHAPES)
 
 
@@ -263,7 +264,7 @@ def evaluate(model_dir: Path, classifier, config: PaintMiniConfig) -> tuple[dict
     pipeline = VisCPMPaintPipeline.from_pretrained(model_dir)
     pipeline.set_progress_bar_config(disable=True)
     accuracy, drawn = {}, {}
-    for language in mpm_mini.LANGUAGES:
+    for language in PROMPT_LANGUAGES:
         images, expected = draw(pipeline, language, config)
         accuracy[language] = scores(classify(classifier, vae_pixels(images, config.resolution)), expected)
         drawn[language] = images
@@ -340,13 +341,13 @@ def report_table(results: dict) -> str:
              "|---|---|---|"]  # fmt: skip
     for system, entry in results["systems"].items():
         cells = [" / ".join(f"{100 * entry['accuracy'][lang][key]:.1f}" for key in ("colour", "shape", "both"))
-                 for lang in mpm_mini.LANGUAGES]  # fmt: skip
+                 for lang in PROMPT_LANGUAGES]  # fmt: skip
         lines.append(f"| {system} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    both = {system: {language: entry["accuracy"][language]["both"] for language in mpm_mini.LANGUAGES}
+    both = {system: {language: entry["accuracy"][language]["both"] for language in PROMPT_LANGUAGES}
             for system, entry in results["systems"].items()}  # fmt: skip
     mpm_mini.bar_plot(both, "paint-mini: drawn scenes with colour and shape right", "prompt language", path)
 
