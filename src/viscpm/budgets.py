@@ -49,3 +49,11 @@ def check_new_tokens(name: str, count: int, limit: int, flag: str) -> None:
     """``name`` is how the caller asked for ``count`` new tokens (`max_tokens`, `--max-new-tokens`)."""
     if count > limit:
         raise BudgetError(f"{name} must be from 1 to {limit}, the limit: ask for fewer, or raise the limit with {flag}")
+
+
+def take_prompt_limit(processor, requested: int | None) -> int:
+    """The prompt-token limit a command enforces: ``requested`` (its flag), else the model folder's
+    `max_prompt_length`. The processor's own check steps aside, so that the flag may raise the limit too."""
+    limit = requested or processor.max_prompt_length
+    processor.max_prompt_length = None
+    return limit

@@ -383,8 +383,7 @@ def _answer(args: argparse.Namespace) -> int:
         image = image_processor.load_image(args.image) if image_processor is not None else load_image(args.image)
     except InvalidImageError as error:  # ImageTooLargeError included
         raise CommandError(f"--image: {error}") from error
-    # --max-prompt-tokens replaces the folder's limit
-    max_prompt_tokens, processor.max_prompt_length = args.max_prompt_tokens or processor.max_prompt_length, None
+    max_prompt_tokens = budgets.take_prompt_limit(processor, args.max_prompt_tokens)
     try:
         # prompt checks (markup, length) before the model is loaded; chat() builds the same prompt again
         prompt_tokens = processor(text=args.question, context=args.context)["input_ids"].shape[1]

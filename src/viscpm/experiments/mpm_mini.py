@@ -196,13 +196,14 @@ def pivot_text_samples(prompts: list[dict], processor) -> list[dict]:
     """`pivot_prompts` for the Qwen2 pivot: the prompt its processor builds at inference with the scene's
     description where the image goes, then the answer and the end token (the only labelled tokens)."""
     from ..modeling.processing_viscpm_chat import IMAGE_MARKER
+    from ..training.data import answer_labelled
 
     tokenizer, samples = processor.tokenizer, []
     for prompt in prompts:
         text = processor.prompt_text(prompt.get("question") or prompt["input"]).replace(IMAGE_MARKER, prompt["image"])
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(prompt["<ans>"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        samples.append({"input_ids": ids + answer, "labels": [-100] * len(ids) + answer})
+        samples.append(
+            answer_labelled(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], prompt["<ans>"])
+        )
     return samples
 
 

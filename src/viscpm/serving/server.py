@@ -336,9 +336,8 @@ class VisCPMService:
         if chat_model is not None:
             self.chat_model = AutoModel.from_pretrained(chat_model, dtype=torch.float32).eval()
             self.processor = AutoProcessor.from_pretrained(chat_model)
-            if self.limits.max_prompt_tokens is None:
-                self.limits = replace(self.limits, max_prompt_tokens=self.processor.max_prompt_length)
-            self.processor.max_prompt_length = None  # the server's limit holds instead
+            limit = budgets.take_prompt_limit(self.processor, self.limits.max_prompt_tokens)
+            self.limits = replace(self.limits, max_prompt_tokens=limit)
             self.chat_name = Path(chat_model).name
         if paint_model is not None:
             from ..modeling.pipeline_viscpm_paint import VisCPMPaintPipeline

@@ -347,13 +347,17 @@ class PivotSamples:
     columns = ("input_ids", "labels", "image_bound", "image")
 
     def __call__(self, turn: Turn) -> dict:
-        tokenizer = self.processor.tokenizer
         prompt, image_start = self.processor.prompt_ids(turn.question, turn.context)
-        answer = tokenizer(turn.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt) + len(answer) > self.max_length:
+        sample = answer_labelled(self.processor.tokenizer, prompt, turn.answer)
+        if len(sample["input_ids"]) > self.max_length:
             raise SkippedRecord(f"over max_length={self.max_length} tokens")
-        image_bound = [[image_start, image_start + self.processor.query_num]]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "image_bound": image_bound}
+        return sample | {"image_bound": [[image_start, image_start + self.processor.query_num]]}
+
+
+def answer_labelled(tokenizer, prompt: list[int], answer: str) -> dict:
+    """``prompt`` then ``answer`` and the end token, which alone are labelled (the prompt's labels are -100)."""
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt + answer_ids, "labels": [-100] * len(prompt) + answer_ids}
 
 
 def chat_samples(processor, max_length: int) -> StructuredSamples | PivotSamples:
