@@ -83,6 +83,20 @@ def test_the_qwen2_pivots_tokenizer_gives_every_text_back_exactly(tmp_path):
         assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text, text
 
 
+def test_the_qwen2_pivots_samples_keep_the_scene_apart_from_the_question(tmp_path):
+    """As the image's placeholders are at inference: tokenized with the text after it, the scene's last word and the
+    question's first fused into one unknown word ("triangleWhat"), and the pivot could not learn what it never saw."""
+    _, questions, _ = mpm_mini.load_world("train")
+    tokenizer = mpm_mini.qwen2_tokenizer(mpm_mini.vocabulary([q for *_, q in questions]))
+    processor = mpm_mini.pivot_processor(mpm_mini.QUICK, tokenizer)
+    prompts = mpm_mini.pivot_prompts(g.LANGUAGES, random.Random(0), 500)
+    for prompt, sample in zip(prompts, mpm_mini.pivot_text_samples(prompts, processor)):
+        ids = sample["input_ids"]
+        scene = tokenizer(prompt["image"], add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, tokenizer.decode(ids)
+        assert any(ids[start : start + len(scene)] == scene for start in range(len(ids))), tokenizer.decode(ids)
+
+
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     """Every stage of every system for a few steps on tiny sizes, through the command line."""
     assert main(["experiment", "mpm-mini", "--quick", "--output", str(tmp_path)]) == 0

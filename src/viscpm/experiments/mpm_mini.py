@@ -41,6 +41,7 @@ SYSTEMS = ("mpm", "english_pivot", "native")
 PIVOTS = ("cpmbee", "qwen2")
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHAT_ROLES = ("user", "assistant")  # words of the template, whole tokens of the Qwen2 pivot's vocabulary
 PROGRESS = functools.partial(print, flush=True)
 EVAL_NEW_TOKENS = 6  # the longest answer (三角形, rectangle) is 3 tokens, then </s>
 
@@ -49,12 +50,14 @@ EVAL_NEW_TOKENS = 6  # the longest answer (三角形, rectangle) is 3 tokens, th
 class MiniConfig:
     seed: int = 0
     languages: tuple = g.LANGUAGES  # of the pivot's text and of the evaluation
-    translated_share: float = 0.05  # of stage-2 conversations (the paper: needed to answer in Chinese)
-    translated_languages: tuple = ("zh",)  # the share's languages: the others see no multimodal data at all
+    translated_share: float = 0.05  # of stage-2 conversations, split among `translated_languages`
+    # the share's languages: every non-English one. VisCPM's README: trained on English instructions only, the model
+    # understands Chinese questions but answers in English; a little translated data aligns the reply language
+    translated_languages: tuple = g.LANGUAGES[1:]
     train_images: int | None = None  # None: all of easy-vqa's training images
     eval_questions: int = 600  # per language, on held-out (test) images
     pivot_samples: int = 40000
-    pivot_steps: int = 2500
+    pivot_steps: int = 4000
     stage1_steps: int = 1200
     stage2_steps: int = 1500
     batch_size: int = 32
@@ -159,7 +162,10 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
     prompts = []
     for _ in range(count):
         scene = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
-        seen_in, asked_in = rng.choice(languages), rng.choice(languages)
+        asked_in = rng.choice(languages)
+        # the scene is written in English (what stage 1 aligns the image to) or in the question's language: the
+        # pairs MpM relies on, rather than all 49 pairs of seven languages
+        seen_in = "en" if rng.random() < 0.5 else asked_in
         description = g.describe(seen_in, **scene)
         if rng.random() < 0.25:
             prompts.append({"image": description, "input": rng.choice(requests[asked_in]),
@@ -183,7 +189,7 @@ def qwen2_tokenizer(vocab: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     turns = ["<|im_start|>", "<|im_end|>"]
-    tokens = [*vocab, *turns, " ", "\n"]
+    tokens = [*vocab, *turns, *CHAT_ROLES, " ", "\n"]
     backend = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-zÀ-ÖØ-öø-ÿ’']+|[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -194,16 +200,19 @@ def qwen2_tokenizer(vocab: list[str]):
 
 def pivot_text_samples(prompts: list[dict], processor) -> list[dict]:
     """`pivot_prompts` for the Qwen2 pivot: the prompt its processor builds at inference with the scene's
-    description where the image goes, then the answer and the end token (the only labelled tokens)."""
+    description where the image goes, then the answer and the end token (the only labelled tokens).
+
+    The description is tokenized apart from the text around it, as the image's placeholders are: tokenized as one
+    text, its last word and the question's first fuse into one unknown word ("triangleWhat") and the scene is lost."""
     from ..modeling.processing_viscpm_chat import IMAGE_MARKER
     from ..training.data import answer_labelled
 
     tokenizer, samples = processor.tokenizer, []
     for prompt in prompts:
-        text = processor.prompt_text(prompt.get("question") or prompt["input"]).replace(IMAGE_MARKER, prompt["image"])
-        samples.append(
-            answer_labelled(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], prompt["<ans>"])
-        )
+        pieces = processor.prompt_text(prompt.get("question") or prompt["input"]).split(IMAGE_MARKER)
+        before, after = (tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in pieces)
+        scene = tokenizer(prompt["image"], add_special_tokens=False)["input_ids"]
+        samples.append(answer_labelled(tokenizer, before + scene + after, prompt["<ans>"]))
     return samples
 
 
