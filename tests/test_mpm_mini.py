@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -97,6 +98,62 @@ def test_the_qwen2_pivots_samples_keep_the_scene_apart_from_the_question(tmp_pat
         assert any(ids[start : start + len(scene)] == scene for start in range(len(ids))), tokenizer.decode(ids)
 
 
+def _held_out_questions(language: str) -> set[str]:
+    """Every held-out paraphrase with every slot value, and the held-out questions outside the world."""
+    questions = set(g.HELD_OUT_OUT_OF_WORLD[language])
+    for templates in g.HELD_OUT_PARAPHRASES[language].values():
+        for template in templates:
+            questions |= {g.fill(template, language, colour, shape) for colour in g.COLOURS for shape in g.SHAPES}
+    return questions
+
+
+def _training_questions(tmp_path) -> list[str]:
+    """The questions of the pivot's text and of stage 2 (the mpm and native systems)."""
+    prompts = mpm_mini.pivot_prompts(g.LANGUAGES, random.Random(0), 20000)
+    questions = [prompt.get("question") or prompt["input"] for prompt in prompts]
+    world = mpm_mini.load_world("train")
+    for system in ("mpm", "native"):
+        config = dataclasses.replace(mpm_mini.QUICK, train_images=400, translated_share=0.5, refusal_share=0.5)
+        mpm_mini.write_stage_data(tmp_path / system, config, system, *world)
+        records = json.loads((tmp_path / system / "vqa.json").read_text())
+        questions += [record["conversations"][0]["value"] for record in records]
+    return questions
+
+
+def test_held_out_paraphrases_are_in_no_training_text_and_use_only_its_words(tmp_path):
+    """The paraphrase set measures understanding, not recall: no question the pivot or stage 2 learns from contains
+    one of its questions (ignoring case and the final punctuation), and each of its words (Chinese: characters) is in
+    the training questions."""
+    training = [question.lower() for question in _training_questions(tmp_path)]
+    assert any(question != question.lower() for question in _training_questions(tmp_path))  # capitals are taught
+    known_words = {word for question in training for word in re.findall(r"[a-z']+", question)}
+    known_characters = set("".join(training))
+    for language in ("en", "zh"):
+        for question in _held_out_questions(language):
+            core = question.lower().rstrip("?.？。!！")
+            assert not any(core in text for text in training), question
+            if language == "en":
+                assert set(re.findall(r"[a-z']+", core)) <= known_words, question
+            else:
+                assert set(core) <= known_characters, question
+
+
+def test_questions_outside_the_world_are_refused_in_training():
+    prompts = mpm_mini.pivot_prompts(("en", "zh"), random.Random(0), 4000)
+    refused = [prompt for prompt in prompts if prompt["<ans>"] in g.REFUSALS.values()]
+    assert len(refused) > 50
+    for prompt in refused:
+        language = "en" if prompt["<ans>"] == g.REFUSALS["en"] else "zh"
+        assert any(
+            asked.lower().rstrip("?.？。!！") in prompt["question"].lower() for asked in g.OUT_OF_WORLD[language]
+        )
+
+
+def test_only_default_is_an_option_of_mpm_mini(capsys):
+    assert main(["experiment", "paint-mini", "--only-default", "--quick"]) == 2
+    assert "--only-default" in capsys.readouterr().err
+
+
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     """Every stage of every system for a few steps on tiny sizes, through the command line."""
     assert main(["experiment", "mpm-mini", "--quick", "--output", str(tmp_path)]) == 0
@@ -110,16 +167,74 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
 
 def test_shipped_default_answers_held_out_questions_in_both_languages():
     """The default `viscpm chat` model on 120 balanced held-out questions per language (English, and Chinese in
-    phrasings its training never saw): it scored about 77% / 74% there; the English-only pivot scores about 35% in
-    Chinese, always answering "no" 25%."""
+    phrasings its training never saw). It scores 96.7% / 81.7% there; issue 17's goal is 95% / 90%: the Chinese floor
+    guards the measured model, not the goal, which is still open (docs/mpm-mini.md, "Plain questions")."""
     config = dataclasses.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7, languages=("en", "zh"))
     evaluation = mpm_mini.evaluation_set(config, *mpm_mini.load_world("test"))
     with torch.no_grad():
         scores = {language: mpm_mini.accuracy(defaults.CHAT, examples) for language, examples in evaluation.items()}
-    assert scores["en"] >= 0.65 and scores["zh"] >= 0.6, scores
+    assert scores["en"] >= 0.95 and scores["zh"] >= 0.78, scores
+
+
+def test_shipped_default_understands_held_out_paraphrases_and_refuses_the_rest():
+    """Phrasings, capitals and punctuation no training text contains, and questions outside its world (a fifth),
+    120 per language. It scores 79.2% / 88.3% there (goal: 85% in both; the English refusals are what it misses)."""
+    config = dataclasses.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7, languages=("en", "zh"))
+    paraphrases = mpm_mini.paraphrase_set(config, *mpm_mini.load_world("test"))
+    with torch.no_grad():
+        scores = {language: mpm_mini.accuracy(defaults.CHAT, examples) for language, examples in paraphrases.items()}
+    assert scores["en"] >= 0.75 and scores["zh"] >= 0.85, scores
+
+
+# examples/README.md: the example images are easy-VQA's test images 4, 0 and 23
+EXAMPLE_IMAGES = {"circle.png": 4, "triangle.png": 0, "rectangle.png": 23}
+PLAIN_QUESTIONS = {
+    "en": [("shape", "What shape is in the image?"), ("colour", "What colour is it?"),
+           ("has_shape", "Is there a circle in the image?")],
+    "zh": [("shape", "图中是什么形状？"), ("colour", "它是什么颜色？"), ("has_shape", "图片里有没有圆形？")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "circle.png",
+        "rectangle.png",
+        # the triangle is small and in a corner: read as a circle (English) and a rectangle (Chinese); its colour is
+        # right. Strict: passing means the goal is met here, and the mark must go
+        pytest.param("triangle.png", marks=pytest.mark.xfail(strict=True, reason="issue 17: the small triangle")),
+    ],
+)
+def test_the_example_images_are_answered_plainly_in_both_languages(name):
+    """The example images, asked as a new user would (capitals, plain phrasings), answered as easy-VQA's own labels
+    of those images say."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    scenes, _, paths = mpm_mini.load_world("test")
+    image_id = EXAMPLE_IMAGES[name]
+    image = Image.open(REPO_ROOT / "examples" / name).convert("RGB")
+    assert image.tobytes() == Image.open(paths[image_id]).convert("RGB").tobytes()
+    model = AutoModel.from_pretrained(defaults.CHAT).eval()
+    processor = AutoProcessor.from_pretrained(defaults.CHAT)
+    questions = [(language, kind, question) for language, asked in PLAIN_QUESTIONS.items() for kind, question in asked]
+    expected = [
+        g.answer_in(language, g.answer_for(kind, scenes[image_id], {"shape": "circle"}))
+        for language, kind, _ in questions
+    ]
+    with torch.no_grad():
+        answers, _, _ = model.chat([image] * len(questions), [question for *_, question in questions], processor)
+    assert [answer.strip() for answer in answers] == expected
 
 
 def test_readme_main_command_answers_in_chinese_with_the_shipped_default(capsys):
     image = REPO_ROOT / "examples" / "circle.png"
     assert main(["chat", "--image", str(image), "--question", "图中是什么形状？"]) == 0
     assert capsys.readouterr().out.strip() == g.ZH["circle"]
+
+
+def test_the_shipped_defaults_carry_no_copy_of_the_model_code():
+    """They load through the installed package; the remote-code copies every save writes are left out."""
+    for folder in (defaults.CHAT, defaults.CPMBEE, defaults.PAINT):
+        assert not list(folder.rglob("*.py")), folder
+        assert not any("auto_map" in file.read_text("utf-8") for file in folder.rglob("*.json")), folder

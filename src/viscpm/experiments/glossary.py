@@ -209,7 +209,214 @@ def all_texts() -> list[str]:
     texts += [word for words in WORDS.values() for word in words.values()]
     texts += [describe("de", colour, shape) for colour in COLOURS for shape in SHAPES]
     texts += [request for requests in CAPTION_REQUESTS.values() for request in requests]
-    for table in (EN_TEMPLATES, *TRAIN_TEMPLATES.values(), *EVAL_TEMPLATES.values()):
+    texts += [*REFUSALS.values(), *PLAIN_WRAPPERS["en"], *PLAIN_WRAPPERS["zh"]]
+    texts += [
+        question
+        for table in (OUT_OF_WORLD, HELD_OUT_OUT_OF_WORLD)
+        for questions in table.values()
+        for question in questions
+    ]
+    tables = (EN_TEMPLATES, *TRAIN_TEMPLATES.values(), *EVAL_TEMPLATES.values(), *PLAIN_TEMPLATES.values(),
+              *HELD_OUT_PARAPHRASES.values())  # fmt: skip
+    for table in tables:
         for templates in table.values():
             texts += list(templates)
     return texts
+
+
+# Plain questions, as a new user types them (issue 17): the shipped default must not need easy-vqa's lower-case
+# templates. `PLAIN_TEMPLATES` are more English and Chinese phrasings per kind, with synonyms (colour / color; shape /
+# figure / object; image / picture) and imperative forms; `PLAIN_WRAPPERS` polite and casual frames around any
+# question; `surface` varies capitals and punctuation. `HELD_OUT_PARAPHRASES` are phrasings no training text contains
+# (tested), built from words the training text does contain: the measure of whether the model understands a question
+# rather than recognising a sentence.
+PLAIN_TEMPLATES = {
+    "en": {
+        "shape": (
+            "what shape is it?",
+            "which shape is in the picture?",
+            "what is the object in the image?",
+            "name the shape.",
+            "tell me the shape of the object.",
+            "what kind of figure is shown?",
+            "which figure do you see?",
+            "what object is in the picture?",
+            "say which shape it has.",
+        ),
+        "colour": (
+            "what colour is it?",
+            "which colour is the object?",
+            "what color does the figure have?",
+            "name the colour.",
+            "tell me the color of the object.",
+            "what is the colour of the figure?",
+            "which color do you see?",
+            "what colour is the shape in the picture?",
+            "identify the colour of the object.",
+            "can you tell me what colour it is?",
+        ),
+        "has_colour": (
+            "is it {colour}?",
+            "is the object {colour}?",
+            "is the figure {colour}?",
+            "do you see something {colour}?",
+            "is the shape in the picture {colour}?",
+        ),
+        "has_shape": (
+            "is it a {shape}?",
+            "is this a {shape}?",
+            "is the object a {shape}?",
+            "do you see a {shape}?",
+            "does the picture show a {shape}?",
+        ),
+    },
+    "zh": {
+        "shape": (
+            "图中画了什么形状？",
+            "图里是什么图形？",
+            "图片中的物体是什么？",
+            "说出图中的形状。",
+            "告诉我这个物体的形状。",
+            "图中画的是什么图形？",
+        ),
+        "colour": (
+            "这是什么颜色？",
+            "物体是什么颜色的？",
+            "说出它的颜色。",
+            "告诉我这个图形的颜色。",
+            "图片中的形状是什么颜色？",
+            "图里的物体是什么颜色？",
+            "你能说出它的颜色吗？",
+        ),
+        "has_colour": (
+            "它是{colour}的吗？",
+            "这个物体是{colour}的吗？",
+            "图形是{colour}的吗？",
+            "图片里的形状是{colour}的吗？",
+        ),
+        "has_shape": ("这是{shape}吗？", "图中的物体是{shape}吗？", "图里画的是{shape}吗？", "图片中有一个{shape}吗？"),
+    },
+}
+PLAIN_WRAPPERS = {
+    "en": (
+        "{question}",
+        "please, {question}",
+        "{question} please",
+        "hi! {question}",
+        "excuse me, {question}",
+        "{question} thanks",
+        "could you help? {question}",
+        "quick question: {question}",
+    ),
+    "zh": (
+        "{question}",
+        "请问{question}",
+        "你好，{question}",
+        "麻烦你，{question}",
+        "{question}谢谢",
+        "请帮我看看，{question}",
+    ),
+}
+HELD_OUT_PARAPHRASES = {
+    "en": {
+        "shape": (
+            "Which shape is the object?",
+            "Please name the figure in the picture.",
+            "Identify the shape.",
+            "Can you tell me which figure this is?",
+        ),
+        "colour": (
+            "Say which colour it has.",
+            "Which color is the figure?",
+            "Please name the color of the object.",
+            "Can you tell me the colour of the shape?",
+        ),
+        "has_colour": (
+            "Is the shape {colour}?",
+            "Please tell me: is the figure in the picture {colour}?",
+            "Do you see a {colour} object?",
+        ),
+        "has_shape": (
+            "Is the figure a {shape}?",
+            "Do you see a {shape} in the picture?",
+            "Please tell me: is this object a {shape}?",
+        ),
+    },
+    "zh": {
+        "shape": (
+            "图中的物体是什么形状？",
+            "请说出图片里的图形。",
+            "这个物体是什么图形？",
+            "你能告诉我图中是什么形状吗？",
+        ),
+        "colour": (
+            "这个图形是什么颜色？",
+            "请说出物体的颜色。",
+            "图中的图形是什么颜色的？",
+            "你能告诉我它是什么颜色吗？",
+        ),
+        "has_colour": (
+            "图中的物体是{colour}的吗？",
+            "请告诉我，这个图形是{colour}的吗？",
+            "图片里的物体是{colour}的吗？",
+        ),
+        "has_shape": ("这个物体是{shape}吗？", "请告诉我，图片中的图形是{shape}吗？", "图里的形状是{shape}吗？"),
+    },
+}
+# questions about anything outside this world get a short refusal, not a guess
+REFUSALS = {
+    "en": "sorry, I can only tell the colour and shape of the object.",
+    "zh": "抱歉，我只能回答物体的颜色和形状。",
+}
+OUT_OF_WORLD = {
+    "en": (
+        "what is the weather like?",
+        "who drew this?",
+        "what animal is this?",
+        "what is written in the image?",
+        "where was this picture taken?",
+        "how old is this person?",
+        "what time is it?",
+        "is the dog happy?",
+        "what is the name of the man?",
+        "what is the car doing?",
+        "how much does it cost?",
+        "tell me a joke.",
+    ),
+    "zh": (
+        "今天天气怎么样？",
+        "这是谁画的？",
+        "这是什么动物？",
+        "图片上写了什么字？",
+        "这张照片是在哪里拍的？",
+        "这个人多大了？",
+        "现在几点了？",
+        "小狗开心吗？",
+        "那个男人叫什么名字？",
+        "这辆车在做什么？",
+        "这个多少钱？",
+        "给我讲个笑话。",
+    ),
+}
+HELD_OUT_OUT_OF_WORLD = {
+    "en": (
+        "Who is the person in the picture?",
+        "What animal do you see?",
+        "Where was this taken?",
+        "What is the weather in the picture?",
+    ),
+    "zh": ("图片里的人是谁？", "图里有什么动物？", "这是在哪里拍的？", "图片里的天气怎么样？"),
+}
+
+
+def surface(question: str, language: str, rng) -> str:
+    """``question`` as a user might type it: in a polite or casual frame (English and Chinese), with its first letter
+    capitalised or not, its final punctuation kept, dropped or doubled."""
+    if language in PLAIN_WRAPPERS:
+        question = rng.choice(PLAIN_WRAPPERS[language]).format(question=question)
+    if question[:1].isalpha() and question[:1].isascii() and rng.random() < 0.5:
+        question = question[:1].swapcase() + question[1:]
+    ending = question[-1:]
+    if ending in "?.？。!！" and question[:-1]:
+        question = question[:-1] + rng.choice((ending, ending, "", ending * 2))
+    return question

@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ me
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 CHAT_ROLES = ("user", "assistant")  # words of the template, whole tokens of the Qwen2 pivot's vocabulary
 PROGRESS = functools.partial(print, flush=True)
-EVAL_NEW_TOKENS = 6  # the longest answer (三角形, rectangle) is 3 tokens, then </s>
+EVAL_NEW_TOKENS = 32  # the longest answer, the English refusal, is 25 tokens (then </s>); decoding stops at </s>
 
 
 @dataclass
@@ -54,6 +54,9 @@ class MiniConfig:
     # the share's languages: every non-English one. VisCPM's README: trained on English instructions only, the model
     # understands Chinese questions but answers in English; a little translated data aligns the reply language
     translated_languages: tuple = g.LANGUAGES[1:]
+    # of stage-2 conversations: a question outside the world, refused; in English or, as often, in a language of the
+    # translated share that has refusals (English-only refusal turns wore the pivot's Chinese refusal away)
+    refusal_share: float = 0.04
     train_images: int | None = None  # None: all of easy-vqa's training images
     eval_questions: int = 600  # per language, on held-out (test) images
     pivot_samples: int = 40000
@@ -70,7 +73,7 @@ class MiniConfig:
             intermediate_size=256,
             num_hidden_layers=2,
             image_size=64,
-            patch_size=16,
+            patch_size=8,  # 16 px patches (4 x 4 of them) left circles and rectangles apart only half the time
         )  # fmt: skip
     )
     query_num: int = 8
@@ -87,6 +90,11 @@ QUICK = MiniConfig(
     vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1, image_size=32,
                 patch_size=16),
 )  # fmt: skip
+
+
+def shipped(config: MiniConfig) -> MiniConfig:
+    """Only what ships as `viscpm chat`'s default: the mpm system on the CPM-Bee pivot, in English and Chinese."""
+    return replace(config, languages=("en", "zh"), systems=("mpm",), pivots=("cpmbee",))
 
 
 # ---------------------------------------------------------------------------------------------------- the world
@@ -135,6 +143,7 @@ def vocabulary(extra_texts: list[str]) -> list[str]:
     for text in texts:
         characters.update(text)
         words.update(re.findall(r"[A-Za-zÀ-ÖØ-öø-ÿ’']+", text))
+    words |= {word[:1].swapcase() + word[1:] for word in words}  # `g.surface` swaps a question's first letter
     characters -= {" ", "\n", "<", ">"}
     return [*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS)), *sorted(characters - words)]
 
@@ -155,9 +164,10 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
     from ..training.data import CAPTION_PROMPTS_EN, CAPTION_PROMPTS_ZH
 
     requests = {"en": CAPTION_PROMPTS_EN, "zh": CAPTION_PROMPTS_ZH, **g.CAPTION_REQUESTS}
-    question_templates = {"en": [(kind, t) for kind, ts in g.EN_TEMPLATES.items() for t in ts]}
-    for language in g.LANGUAGES[1:]:
-        tables = (g.TRAIN_TEMPLATES[language], g.EVAL_TEMPLATES[language])
+    question_templates = {}
+    for language in g.LANGUAGES:
+        tables = (g.EN_TEMPLATES,) if language == "en" else (g.TRAIN_TEMPLATES[language], g.EVAL_TEMPLATES[language])
+        tables += (g.PLAIN_TEMPLATES.get(language, {}),)
         question_templates[language] = [(kind, t) for table in tables for kind, ts in table.items() for t in ts]
     prompts = []
     for _ in range(count):
@@ -171,12 +181,19 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
             prompts.append({"image": description, "input": rng.choice(requests[asked_in]),
                             "<ans>": g.describe(asked_in, **scene)})  # fmt: skip
             continue
+        if asked_in in g.REFUSALS and rng.random() < 0.05:
+            question = g.surface(rng.choice(g.OUT_OF_WORLD[asked_in]), asked_in, rng)
+            prompts.append({"image": description, "context": "", "question": question,
+                            "<ans>": g.REFUSALS[asked_in]})  # fmt: skip
+            continue
         kind, template = rng.choice(question_templates[asked_in])
         slots = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
         if rng.random() < 0.5:  # half the yes / no questions ask about the scene itself: answer yes
             slots = dict(scene)
         answer = g.answer_for(kind, scene, slots)
         question = g.fill(template, asked_in, **slots)
+        if rng.random() < 0.5:
+            question = g.surface(question, asked_in, rng)
         prompts.append({"image": description, "context": "", "question": question,
                         "<ans>": g.answer_in(asked_in, answer)})  # fmt: skip
     return prompts
@@ -189,7 +206,7 @@ def qwen2_tokenizer(vocab: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     turns = ["<|im_start|>", "<|im_end|>"]
-    tokens = [*vocab, *turns, *CHAT_ROLES, " ", "\n"]
+    tokens = list(dict.fromkeys([*vocab, *turns, *CHAT_ROLES, " ", "\n"]))  # "user" may be a word of the texts
     backend = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-zÀ-ÖØ-öø-ÿ’']+|[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -312,24 +329,37 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
 
     def turn(language: str, kind: str, slots: dict, answer: str) -> tuple[str, str, str]:
         question = g.fill(rng.choice(g.train_templates(language)[kind]), language, **slots)
+        question = g.surface(question, language, rng) if rng.random() < 0.5 else question
         return language, question, g.answer_in(language, answer)
 
+    def english(question: str, kind: str, slots: dict) -> str:
+        """easy-vqa's question, or half the time one of the plain phrasings, as a user might type it."""
+        if rng.random() < 0.5:
+            question = g.fill(rng.choice(g.PLAIN_TEMPLATES["en"][kind]), "en", **slots)
+        return g.surface(question, "en", rng) if rng.random() < 0.5 else question
+
+    shared = [language for language in config.translated_languages if language in config.languages]
     conversations, share = [], Counter()
     for image_id, kind, slots, question in questions:
         if image_id not in chosen:
             continue
         answer = g.answer_for(kind, scenes[image_id], slots)
-        turns = [("en", question, answer)]
+        turns = [("en", english(question, kind, slots), answer)]
         if system == "native":
             turns += [turn(language, kind, slots, answer) for language in config.languages if language != "en"]
-        elif config.translated_languages and rng.random() < config.translated_share:
-            turns = [turn(rng.choice(config.translated_languages), kind, slots, answer)]
+        elif shared and rng.random() < config.translated_share:
+            turns = [turn(rng.choice(shared), kind, slots, answer)]
+        if rng.random() < config.refusal_share:
+            language = rng.choice(["en", *(language for language in shared if language in g.REFUSALS)])
+            question = g.surface(rng.choice(g.OUT_OF_WORLD[language]), language, rng)
+            turns.append(("refused", question, g.REFUSALS[language]))
         for language, asked, answered in turns:
             share[language] += 1
             conversations.append({"image": paths[image_id], "conversations": [
                 {"from": "human", "value": asked}, {"from": "gpt", "value": answered}]})  # fmt: skip
     (folder / "vqa.json").write_text(json.dumps(conversations, ensure_ascii=False), "utf-8")
-    return {"captions": len(captions), "conversations": dict(share)}
+    refused = share.pop("refused", 0)
+    return {"captions": len(captions), "conversations": dict(share), "refusals": refused}
 
 
 def run_stage(
@@ -360,19 +390,12 @@ def run_stage(
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluation_set(config: MiniConfig, scenes, questions, paths) -> dict[str, list[tuple[str, str, str]]]:
-    """`(image path, question, expected answer)` per language of `config.languages` on held-out images, balanced:
-    each question's kind is drawn uniformly, and a yes / no question names the image's own colour or shape half of
-    the time. (easy-vqa's own non-negated questions are 48% "no" and 11% "yes": always answering "no" would score
-    48%.) The English question uses one of easy-vqa's templates, every other language's (same image, kind and
-    slots) one of its evaluation phrasings, which no training data holds."""
-    rng = random.Random(config.seed + 1)
-    # the five European languages' phrasings from a generator of their own: the English and Chinese items are those
-    # drawn before they were added (the scores in docs/mpm-mini.md stand)
-    european = random.Random(config.seed + 2)
+def balanced_items(config: MiniConfig, scenes, questions, rng: random.Random, count: int):
+    """`count` items `(image_id, kind, slots, English answer)` on held-out images, balanced: each question's kind is
+    drawn uniformly, and a yes / no question names the image's own colour or shape half of the time. (easy-vqa's own
+    non-negated questions are 48% "no" and 11% "yes": always answering "no" would score 48%.)"""
     image_ids = sorted({image_id for image_id, *_ in questions})
-    sets = {language: [] for language in config.languages}
-    for _ in range(config.eval_questions):
+    for _ in range(count):
         image_id = rng.choice(image_ids)
         scene, kind = scenes[image_id], rng.choice(list(g.EN_TEMPLATES))
         slots = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
@@ -384,12 +407,41 @@ def evaluation_set(config: MiniConfig, scenes, questions, paths) -> dict[str, li
             slots["colour"] = scene["colour"]  # "what is the <colour> shape?" names the shape's own colour
         else:
             slots["shape"] = scene["shape"]
-        answer = g.answer_for(kind, scene, slots)
+        yield image_id, kind, slots, g.answer_for(kind, scene, slots)
+
+
+def evaluation_set(config: MiniConfig, scenes, questions, paths) -> dict[str, list[tuple[str, str, str]]]:
+    """`(image path, question, expected answer)` per language of `config.languages`: `balanced_items`, the English
+    question in one of easy-vqa's templates, every other language's (same image, kind and slots) in one of its
+    evaluation phrasings, which no training data holds."""
+    rng = random.Random(config.seed + 1)
+    # the five European languages' phrasings from a generator of their own: the English and Chinese items are those
+    # drawn before they were added (the scores in docs/mpm-mini.md stand)
+    european = random.Random(config.seed + 2)
+    sets = {language: [] for language in config.languages}
+    for image_id, kind, slots, answer in balanced_items(config, scenes, questions, rng, config.eval_questions):
         phrasings = {"en": rng.choice(g.EN_TEMPLATES[kind]), "zh": rng.choice(g.EVAL_TEMPLATES["zh"][kind])}
         phrasings |= {language: european.choice(g.EVAL_TEMPLATES[language][kind]) for language in g.EUROPEAN}
         for language in config.languages:
             question = g.fill(phrasings[language], language, **slots)
             sets[language].append((paths[image_id], question, g.answer_in(language, answer)))
+    return sets
+
+
+def paraphrase_set(config: MiniConfig, scenes, questions, paths) -> dict[str, list[tuple[str, str, str]]]:
+    """Like `evaluation_set`, in `g.HELD_OUT_PARAPHRASES` (English and Chinese): phrasings, capitals and
+    punctuation that no training text contains; and, a fifth of the items, `g.HELD_OUT_OUT_OF_WORLD` questions,
+    whose expected answer is the refusal."""
+    rng = random.Random(config.seed + 3)
+    sets = {language: [] for language in config.languages if language in g.HELD_OUT_PARAPHRASES}
+    for image_id, kind, slots, answer in balanced_items(config, scenes, questions, rng, config.eval_questions):
+        refused = rng.random() < 0.2
+        for language, examples in sets.items():
+            if refused:
+                examples.append((paths[image_id], rng.choice(g.HELD_OUT_OUT_OF_WORLD[language]), g.REFUSALS[language]))
+                continue
+            question = g.fill(rng.choice(g.HELD_OUT_PARAPHRASES[language][kind]), language, **slots)
+            examples.append((paths[image_id], question, g.answer_in(language, answer)))
     return sets
 
 
@@ -428,6 +480,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     tokenizers = {"cpmbee": CpmBeeTokenizer(vocab_file=str(vocab))}
     tokenizers["qwen2"] = qwen2_tokenizer(vocab.read_text("utf-8").splitlines())
     evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
+    paraphrases = paraphrase_set(config, test_scenes, test_questions, test_paths)
     results = {"config": asdict(config), "vocab_size": tokenizers["cpmbee"].vocab_size, "systems": {}}
     results["split"] = {"train_images": config.train_images or len(train_scenes), "test_images": len(test_scenes),
                         "eval_questions_per_language": len(evaluation["en"])}  # fmt: skip
@@ -445,16 +498,19 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
             base = chat_folder(config, pivot, tokenizer, work / "base")
             counts = write_stage_data(work / "data", config, system, train_scenes, train_questions, train_paths)
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 1 on {counts['captions']} captions")
+            # the image experts train in stage 1 too: VisCPM freezes a pretrained BEiT-3's, the toy's start random
             stage1 = run_stage("chat-pretrain", base, work / "data" / "captions.jsonl", "caption",
-                               config.stage1_steps, config, work / "stage1")  # fmt: skip
+                               config.stage1_steps, config, work / "stage1", tune_vision=True)  # fmt: skip
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 2 on {counts['conversations']} conversations")
             stage2 = run_stage("chat-sft", Path(stage1["saved"]), work / "data" / "vqa.json", "conversation",
                                config.stage2_steps, config, work / "stage2")  # fmt: skip
             scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
-            log(f"[{time.perf_counter() - started:5.0f} s] {name}: accuracy {scores}")
+            held_out = {language: accuracy(Path(stage2["saved"]), items) for language, items in paraphrases.items()}
+            log(f"[{time.perf_counter() - started:5.0f} s] {name}: accuracy {scores}, paraphrases {held_out}")
             results["systems"][name] = {
                 "pivot": kind,
                 "accuracy": scores,
+                "paraphrases": held_out,
                 "model": stage2["saved"],
                 "data": counts,
                 "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
@@ -472,6 +528,13 @@ def report_table(results: dict) -> str:
     for system, entry in results["systems"].items():
         scores = " | ".join(f"{100 * entry['accuracy'][language]:.1f}" for language in languages)
         lines.append(f"| {system} | {scores} |")
+    paraphrased = {system: entry["paraphrases"] for system, entry in results["systems"].items() if entry["paraphrases"]}
+    if paraphrased:
+        languages = list(next(iter(paraphrased.values())))
+        lines += ["", "Held-out paraphrases and questions outside the world:", "",
+                  "| system | " + " | ".join(languages) + " |", "|---" * (len(languages) + 1) + "|"]  # fmt: skip
+        for system, scores in paraphrased.items():
+            lines.append(f"| {system} | {' | '.join(f'{100 * scores[language]:.1f}' for language in languages)} |")
     return "\n".join(lines)
 
 
@@ -507,7 +570,8 @@ def plot(results: dict, path: Path) -> None:
 
 def install_default(results: dict, system: str, destination: Path) -> Path:
     """Copy a trained system's final folder to `destination` (the package's shipped default), decoding greedily
-    as the evaluation does (answers are one or two tokens: beam search's length penalty only adds noise)."""
+    as the evaluation does (the answers come from a closed set: beam search's length penalty only adds
+    noise)."""
     from transformers import GenerationConfig
 
     source = Path(results["systems"][system]["model"])
@@ -517,9 +581,37 @@ def install_default(results: dict, system: str, destination: Path) -> Path:
     generation = GenerationConfig.from_pretrained(staging)
     generation.update(num_beams=1, length_penalty=1.0, early_stopping=False, max_new_tokens=EVAL_NEW_TOKENS)
     generation.save_pretrained(staging)
+    without_remote_code(staging)
     shutil.rmtree(destination, ignore_errors=True)
     staging.rename(destination)
     return destination
 
 
-__all__ = ["CONFIG", "QUICK", "MiniConfig", "run", "report_table", "plot", "install_default"]
+def without_remote_code(folder: Path) -> Path:
+    """Drop the remote-code copies of the model files that every save writes, and the `auto_map` entries that name
+    them, from `folder`: the package's shipped defaults load through the installed viscpm (one copy of the code)."""
+
+    def strip(entries):
+        if isinstance(entries, dict):
+            return {key: strip(value) for key, value in entries.items() if key != "auto_map"}
+        return entries
+
+    for code in folder.glob("*.py"):
+        code.unlink()
+    for file in folder.glob("*.json"):
+        entries = json.loads(file.read_text("utf-8"))
+        file.write_text(json.dumps(strip(entries), indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return folder
+
+
+__all__ = [
+    "CONFIG",
+    "QUICK",
+    "MiniConfig",
+    "shipped",
+    "run",
+    "report_table",
+    "plot",
+    "install_default",
+    "without_remote_code",
+]
