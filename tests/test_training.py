@@ -35,7 +35,7 @@ from viscpm.training.data import (
     prepare_source,
     training_sample,
 )
-from viscpm.training.run import ConfigError, load_config, train
+from viscpm.training.run import ConfigError, latest_complete_checkpoint, load_config, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "black": (0, 0, 0)}
 
@@ -418,7 +418,9 @@ def test_config_errors_name_the_entry(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
-    """SIGKILL mid-run, then --resume: the losses continue those of an uninterrupted run with the same seed."""
+    """SIGKILL mid-run, then --resume: the resumed process starts at the newest complete checkpoint's step and runs
+    only the remaining steps (the losses alone cannot tell a resumed run from one that started over), leaves the
+    checkpoints it found untouched, and its losses continue those of an uninterrupted run with the same seed."""
     folder = chat_folder(tmp_path)
     base = chat_config(tmp_path, folder, "reference", steps=30, training={"save_steps": 5, "learning_rate": 3e-3})
     reference = write_config(tmp_path / "reference.yaml", **base)
@@ -438,9 +440,18 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert checkpoint.exists() and not (tmp_path / "interrupted" / "final").exists(), "the run was not interrupted"
+    newest = latest_complete_checkpoint(tmp_path / "interrupted")
+    start = int(newest.name.split("-")[-1])
+    complete = [path for path in newest.parent.glob("checkpoint-*") if int(path.name.split("-")[-1]) <= start]
+    earlier = {file: file.read_bytes() for path in complete for file in path.rglob("*") if file.is_file()}
 
     subprocess.run([*command, "--config", str(interrupted), "--resume"], check=True, env=env, capture_output=True,
                    cwd=REPO_ROOT)  # fmt: skip
-    resumed = json.loads((tmp_path / "interrupted" / "run_summary.json").read_text())["losses"]
-    assert len(resumed) == len(expected) == 30
-    np.testing.assert_allclose(resumed, expected, rtol=1e-5, atol=1e-6)
+    summary = json.loads((tmp_path / "interrupted" / "run_summary.json").read_text())
+    # it started at the checkpoint's step and ran only the remaining ones; the checkpoints it found are untouched
+    assert summary["resumed_from"] == str(newest)
+    ran = (summary["first_step_here"], summary["steps_run_here"], summary["global_step"])
+    assert ran == (start + 1, 30 - start, 30), ran
+    assert all(path.read_bytes() == content for path, content in earlier.items())
+    assert len(summary["losses"]) == len(expected) == 30
+    np.testing.assert_allclose(summary["losses"], expected, rtol=1e-5, atol=1e-6)

@@ -247,7 +247,19 @@ def latest_complete_checkpoint(output: Path) -> Path | None:
 
 def train(stage: str, config: dict, resume: bool = False):
     """Run one stage; returns the summary also written to `output_dir/run_summary.json`, and the data report."""
-    from transformers import Trainer, set_seed
+    from transformers import Trainer, TrainerCallback, set_seed
+
+    class StepsRunHere(TrainerCallback):
+        """Counts the optimizer steps this process ran, and the number of the first: the proof that a resumed run
+        continued from its checkpoint rather than starting over (the loss curve cannot tell: CPU training is
+        deterministic)."""
+
+        def __init__(self):
+            self.run, self.first = 0, None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.run += 1
+            self.first = state.global_step if self.first is None else self.first
 
     output = Path(config["output_dir"])
     checkpoint = latest_complete_checkpoint(output)
@@ -267,13 +279,18 @@ def train(stage: str, config: dict, resume: bool = False):
     (output / "data_summary.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("data:\n%s", report.summary())
 
+    steps = StepsRunHere()
+    callbacks = [*callbacks, steps]
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     folder = save_result(stage, config, trainer, model, saver)
     summary = {
         "stage": stage,
         "saved": str(folder),
+        "resumed_from": str(checkpoint) if resume else None,
         "global_step": trainer.state.global_step,
+        "steps_run_here": steps.run,  # a resumed run: only those after its checkpoint
+        "first_step_here": steps.first,
         "train_loss": result.training_loss,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "data": report.as_dict(),
