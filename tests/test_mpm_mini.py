@@ -124,13 +124,14 @@ def test_held_out_paraphrases_are_in_no_training_text_and_use_only_its_words(tmp
     """The paraphrase set measures understanding, not recall: no question the pivot or stage 2 learns from contains
     one of its questions (ignoring case and the final punctuation), and each of its words (Chinese: characters) is in
     the training questions."""
-    training = [question.lower() for question in _training_questions(tmp_path)]
-    assert any(question != question.lower() for question in _training_questions(tmp_path))  # capitals are taught
+    questions = _training_questions(tmp_path)
+    assert any(question != question.lower() for question in questions)  # capitals are taught
+    training = [question.lower() for question in questions]
     known_words = {word for question in training for word in re.findall(r"[a-z']+", question)}
     known_characters = set("".join(training))
     for language in ("en", "zh"):
         for question in _held_out_questions(language):
-            core = question.lower().rstrip("?.？。!！")
+            core = question.lower().rstrip(g.FINAL_PUNCTUATION)
             assert not any(core in text for text in training), question
             if language == "en":
                 assert set(re.findall(r"[a-z']+", core)) <= known_words, question
@@ -145,7 +146,8 @@ def test_questions_outside_the_world_are_refused_in_training():
     for prompt in refused:
         language = "en" if prompt["<ans>"] == g.REFUSALS["en"] else "zh"
         assert any(
-            asked.lower().rstrip("?.？。!！") in prompt["question"].lower() for asked in g.OUT_OF_WORLD[language]
+            asked.lower().rstrip(g.FINAL_PUNCTUATION) in prompt["question"].lower()
+            for asked in g.OUT_OF_WORLD[language]
         )
 
 

@@ -409,6 +409,9 @@ HELD_OUT_OUT_OF_WORLD = {
 }
 
 
+FINAL_PUNCTUATION = "?.？。!！"
+
+
 def surface(question: str, language: str, rng) -> str:
     """``question`` as a user might type it: in a polite or casual frame (English and Chinese), with its first letter
     capitalised or not, its final punctuation kept, dropped or doubled."""
@@ -417,6 +420,11 @@ def surface(question: str, language: str, rng) -> str:
     if question[:1].isalpha() and question[:1].isascii() and rng.random() < 0.5:
         question = question[:1].swapcase() + question[1:]
     ending = question[-1:]
-    if ending in "?.？。!！" and question[:-1]:
+    if ending in FINAL_PUNCTUATION and question[:-1]:
         question = question[:-1] + rng.choice((ending, ending, "", ending * 2))
     return question
+
+
+def half_surfaced(question: str, language: str, rng) -> str:
+    """Half the time, ``question`` as `surface` writes it; otherwise as it is."""
+    return surface(question, language, rng) if rng.random() < 0.5 else question

@@ -191,9 +191,7 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
         if rng.random() < 0.5:  # half the yes / no questions ask about the scene itself: answer yes
             slots = dict(scene)
         answer = g.answer_for(kind, scene, slots)
-        question = g.fill(template, asked_in, **slots)
-        if rng.random() < 0.5:
-            question = g.surface(question, asked_in, rng)
+        question = g.half_surfaced(g.fill(template, asked_in, **slots), asked_in, rng)
         prompts.append({"image": description, "context": "", "question": question,
                         "<ans>": g.answer_in(asked_in, answer)})  # fmt: skip
     return prompts
@@ -329,14 +327,13 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
 
     def turn(language: str, kind: str, slots: dict, answer: str) -> tuple[str, str, str]:
         question = g.fill(rng.choice(g.train_templates(language)[kind]), language, **slots)
-        question = g.surface(question, language, rng) if rng.random() < 0.5 else question
-        return language, question, g.answer_in(language, answer)
+        return language, g.half_surfaced(question, language, rng), g.answer_in(language, answer)
 
     def english(question: str, kind: str, slots: dict) -> str:
         """easy-vqa's question, or half the time one of the plain phrasings, as a user might type it."""
         if rng.random() < 0.5:
             question = g.fill(rng.choice(g.PLAIN_TEMPLATES["en"][kind]), "en", **slots)
-        return g.surface(question, "en", rng) if rng.random() < 0.5 else question
+        return g.half_surfaced(question, "en", rng)
 
     shared = [language for language in config.translated_languages if language in config.languages]
     conversations, share = [], Counter()
