@@ -51,6 +51,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from transformers import GenerationMixin, LogitsProcessor, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -1107,8 +1108,14 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), labels.to(logits.device).long().flatten(), ignore_index=-100
+            # the mean over the labelled tokens; over those of the whole optimizer step (every micro-batch, every
+            # process) when the Trainer passes their count, so that gradient accumulation and data parallelism
+            # give the gradient of one big batch
+            loss = fixed_cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.to(logits.device).long().flatten(),
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                ignore_index=-100,
             )
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states

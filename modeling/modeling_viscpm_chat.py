@@ -216,6 +216,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             )
             input_ids = None
 
+        # the Trainer's count of the labelled tokens of the optimizer step: the loss is normalised by it
+        num_items_in_batch = kwargs.get("num_items_in_batch")
         if not self.config.pivot_is_cpmbee:  # transformers' causal LM arguments
             position_ids = None
             if attention_mask is not None:
@@ -230,6 +232,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
                 use_cache=use_cache,
                 output_hidden_states=output_hidden_states,
                 logits_to_keep=logits_to_keep,
+                num_items_in_batch=num_items_in_batch,
             )
         else:
             outputs = self.llm(
@@ -252,6 +255,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
                 output_hidden_states=output_hidden_states,
                 logits_to_keep=logits_to_keep,
                 logits_transform=logits_transform,
+                num_items_in_batch=num_items_in_batch,
             )
         return VisCPMChatOutput(
             loss=outputs.loss,

@@ -9,7 +9,7 @@ UNet (`paint.unfreeze`: the step at which each stage starts and the parts it tra
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,19 @@ def _vae_image_processor():
     return VaeImageProcessor(do_resize=True, do_normalize=True)
 
 
+def this_process_rows(draw: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
+    """`draw(n)`'s random values for the whole global batch, then this process's `rows` of them.
+
+    Every process draws as many values as one process would for the whole batch, from torch's generator (which every
+    process seeds alike): the generators stay in step, and the run's noise, timesteps and caption dropout do not
+    depend on how many processes share the batch (a data-parallel run follows the single-process one, and resumes
+    on another number of processes). Each process holds consecutive rows: accelerate shards batch by batch."""
+    import torch.distributed as dist
+
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    return draw(world * rows)[rank * rows : (rank + 1) * rows]
+
+
 def vae_pixels(images: Sequence, resolution: int) -> torch.Tensor:
     """PIL images -> `(n, 3, resolution, resolution)` in [-1, 1], resized and centre-cropped: what the VAE encodes
     in Paint training."""
@@ -46,8 +59,12 @@ class VisCPMPaintTrainingModel(nn.Module):
     """The pipeline's text encoder (CPM-Bee + bridge), UNet and VAE, with a training scheduler; returns the loss.
 
     The VAE and CPM-Bee are frozen and run without gradients; noise and timesteps come from torch's global generator,
-    which `Trainer` seeds and restores on `--resume`.
+    which `Trainer` seeds and restores on `--resume`, drawn for the global batch (`this_process_rows`).
     """
+
+    # the loss is a mean over each sample's latent, not over labelled tokens: the Trainer scales it for gradient
+    # accumulation itself rather than pass a token count
+    accepts_loss_kwargs = False
 
     def __init__(self, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, noise_scheduler):
         super().__init__()
@@ -86,17 +103,22 @@ class VisCPMPaintTrainingModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **cpmbee_inputs) -> dict:
         with torch.no_grad():
-            latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+            posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+            shape = posterior.mean.shape
+            sample = this_process_rows(lambda n: torch.randn((n, *shape[1:]), dtype=posterior.mean.dtype), shape[0])
+            latents = posterior.mean + posterior.std * sample.to(posterior.mean.device)  # the posterior's sample()
             latents = latents * self.vae.config.scaling_factor
             text_hidden_states = self.text_encoder.llm(
                 **{name: cpmbee_inputs[name] for name in CPMBEE_INPUT_NAMES if cpmbee_inputs.get(name) is not None},
                 use_cache=False,
             ).last_hidden_state
         encoder_hidden_states = self.text_encoder.trans_block(text_hidden_states).to(self.unet.dtype)
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-        )
+        rows = latents.shape[0]
+        noise = this_process_rows(lambda n: torch.randn((n, *latents.shape[1:]), dtype=latents.dtype), rows)
+        noise = noise.to(latents.device)
+        timesteps = this_process_rows(
+            lambda n: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,)), rows
+        ).to(latents.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -135,6 +157,26 @@ class StagedUnfreezing(TrainerCallback):
             self.current = stage
 
 
+def pipeline_with_weights(pipeline, state_dict: Mapping[str, torch.Tensor]):
+    """`pipeline` with its text encoder, UNet and VAE rebuilt from the training model's full `state_dict` (keys
+    `text_encoder.*`, `unet.*`, `vae.*`), for saving: under ZeRO-3 or FSDP the pipeline's own modules hold shards.
+    The modules are built on the meta device and take the gathered tensors as they are (no second copy)."""
+    from transformers import PreTrainedModel
+
+    components = dict(pipeline.components)
+    for name in ("text_encoder", "unet", "vae"):
+        module, prefix = components[name], f"{name}."
+        weights = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+        with torch.device("meta"):
+            if isinstance(module, PreTrainedModel):
+                rebuilt = type(module)(module.config)
+            else:
+                rebuilt = type(module).from_config(module.config)
+        rebuilt.load_state_dict(weights, assign=True)
+        components[name] = rebuilt
+    return type(pipeline)(**components)
+
+
 @dataclass
 class PaintCollator:
     """Prepared caption samples -> pixels in [-1, 1] at `resolution` and the CPM-Bee batch of their prompts; with
@@ -155,7 +197,7 @@ class PaintCollator:
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         from .data import open_image
 
-        dropped = torch.rand(len(rows)) < self.caption_dropout
+        dropped = this_process_rows(torch.rand, len(rows)) < self.caption_dropout
         samples = [self.empty_caption if drop else row for row, drop in zip(rows, dropped.tolist())]
         batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(samples)
         images = [open_image(row["image"]) for row in rows]

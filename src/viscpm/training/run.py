@@ -119,6 +119,15 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
             raise ConfigError(f"the config needs `{key}` (in the YAML, or --set {key}=...)")
     if config["lora"] is not None and stage != "chat-sft":
         raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
+    if stage == "paint" and config["training"].get("deepspeed") and len(config["paint"]["unfreeze"] or [0, 0]) > 1:
+        # DeepSpeed's optimizer steps every parameter it was given, gradient or not: Adam's step count (and any
+        # weight decay) would move the parts a stage keeps frozen, and a part would start late with a wrong step
+        raise ConfigError(
+            "paint.unfreeze has several stages (the default has three), which DeepSpeed cannot stage: its optimizer "
+            "steps every part from the first step. Under DeepSpeed run one stage per `viscpm train` (e.g. "
+            "--set 'paint.unfreeze=[{step: 0, train: [bridge]}]', then the next stage with model=<that run>/final), "
+            "or train without DeepSpeed (DDP stages them in one run)"
+        )
     return config
 
 
@@ -217,21 +226,50 @@ def build_paint(config: dict):
     return model, pipeline, dataset, report, collator, [unfreezing]
 
 
-def save_result(stage: str, config: dict, trainer, model, saver) -> Path:
+def save_result(stage: str, config: dict, trainer, saver) -> Path:
     """The trained model as a `from_pretrained` folder (LoRA: the adapter alone), written to a temporary folder and
-    moved into place when complete."""
+    moved into place when complete. Every process calls it: under ZeRO-3 and FSDP the weights are sharded, and
+    gathering them takes them all; the first process writes."""
+    from .paint import pipeline_with_weights
+
     output = Path(config["output_dir"])
     folder = output / (ADAPTER_FOLDER if config["lora"] else FINAL_FOLDER)
     staging = output / f".{folder.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    writer = trainer.is_world_process_zero()
+    if writer:
+        shutil.rmtree(staging, ignore_errors=True)
     if stage == "paint":
-        saver.save_pretrained(staging)  # the pipeline: its components are the trained modules
+        if weights_are_sharded(trainer):  # the pipeline's own modules hold this process's shards only
+            engine = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
+            weights = trainer.accelerator.get_state_dict(engine)
+            saver = pipeline_with_weights(saver, weights) if writer else None
+        if writer:
+            saver.save_pretrained(staging)  # the pipeline: its components are the trained modules
     else:
-        trainer.accelerator.unwrap_model(model).save_pretrained(staging)
-        saver.save_pretrained(staging)  # the processor
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+        trainer.save_model(str(staging))  # gathers sharded weights; a PEFT model writes its adapter alone
+        if writer:
+            saver.save_pretrained(staging)  # the processor
+            (staging / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle: not part of a model
+    if writer:
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    trainer.accelerator.wait_for_everyone()
     return folder
+
+
+def engine_name(trainer) -> str:
+    """What distributed the run: "DeepSpeed ZeRO-N", "FSDPN", "DDP" or "none" (one process)."""
+    if trainer.is_deepspeed_enabled:
+        return f"DeepSpeed ZeRO-{trainer.accelerator.deepspeed_config['zero_optimization'].get('stage', 0)}"
+    if trainer.is_fsdp_enabled:
+        return f"FSDP{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    return "DDP" if trainer.args.world_size > 1 else "none"
+
+
+def weights_are_sharded(trainer) -> bool:
+    if trainer.is_deepspeed_enabled:
+        return trainer.accelerator.deepspeed_config["zero_optimization"].get("stage", 0) == 3
+    return trainer.is_fsdp_enabled
 
 
 def latest_complete_checkpoint(output: Path) -> Path | None:
@@ -275,18 +313,28 @@ def train(stage: str, config: dict, resume: bool = False):
         model, saver, dataset, report, collator, callbacks = build_paint(config)
     else:
         model, saver, dataset, report, collator, callbacks = build_chat(stage, config, arguments)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "data_summary.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    writer = arguments.process_index == 0  # of a multi-process run, the first process writes the summaries
+    if writer:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "data_summary.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("data:\n%s", report.summary())
 
     steps = StepsRunHere()
     callbacks = [*callbacks, steps]
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    if arguments.fsdp and not trainer.is_fsdp_enabled:
+        raise ConfigError(
+            "training.fsdp is set, but accelerate did not enable FSDP: it does so for GPU (and other accelerator) "
+            "processes only, and CPU processes would silently train with DDP. On CPU, leave training.fsdp out (DDP) "
+            "or use a DeepSpeed config (training.deepspeed)"
+        )
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
-    folder = save_result(stage, config, trainer, model, saver)
+    folder = save_result(stage, config, trainer, saver)
     summary = {
         "stage": stage,
         "saved": str(folder),
+        "processes": arguments.world_size,
+        "engine": engine_name(trainer),
         "resumed_from": str(checkpoint) if resume else None,
         "global_step": trainer.state.global_step,
         "steps_run_here": steps.run,  # a resumed run: only those after its checkpoint
@@ -295,5 +343,6 @@ def train(stage: str, config: dict, resume: bool = False):
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "data": report.as_dict(),
     }
-    (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if writer:
+        (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary, report
