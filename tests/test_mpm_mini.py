@@ -116,7 +116,9 @@ def _training_questions(tmp_path) -> list[str]:
         config = dataclasses.replace(mpm_mini.QUICK, train_images=400, translated_share=0.5, refusal_share=0.5)
         mpm_mini.write_stage_data(tmp_path / system, config, system, *world)
         records = json.loads((tmp_path / system / "vqa.json").read_text())
-        questions += [record["conversations"][0]["value"] for record in records]
+        questions += [
+            turn["value"] for record in records for turn in record["conversations"] if turn["from"] == "human"
+        ]
     return questions
 
 
@@ -149,6 +151,33 @@ def test_questions_outside_the_world_are_refused_in_training():
             asked.lower().rstrip(g.FINAL_PUNCTUATION) in prompt["question"].lower()
             for asked in g.OUT_OF_WORLD[language]
         )
+
+
+def test_stage_two_asks_second_questions_about_the_same_image_in_the_first_ones_language(tmp_path):
+    """A share of the conversations has a second round, in the first round's language, answered from the same
+    image's scene; the training data turns it into a sample with the first round as its context."""
+    from viscpm.training.data import conversation_turns
+
+    scenes, questions, paths = mpm_mini.load_world("train")
+    scene_of = {paths[image_id]: scene for image_id, scene in scenes.items()}
+    config = dataclasses.replace(mpm_mini.QUICK, train_images=300, translated_share=0.5, translated_languages=("zh",),
+                                 languages=("en", "zh"))  # fmt: skip
+    counts = mpm_mini.write_stage_data(tmp_path, config, "mpm", scenes, questions, paths)
+    records = json.loads((tmp_path / "vqa.json").read_text())
+    two_rounds = [record for record in records if len(record["conversations"]) == 4]
+    assert counts["second_rounds"] == len(two_rounds)
+    assert 0.2 < len(two_rounds) / len(records) < 0.4
+    chinese = 0
+    for record in two_rounds:
+        first, _, second, answer = (turn["value"] for turn in record["conversations"])
+        in_chinese = bool(re.search(r"[\u4e00-\u9fff]", first))
+        assert in_chinese == bool(re.search(r"[\u4e00-\u9fff]", second)), (first, second)
+        chinese += in_chinese
+        scene = scene_of[record["image"]]
+        assert answer in {g.answer_in("zh" if in_chinese else "en", value) for value in (*scene.values(), "yes", "no")}
+    assert chinese
+    turns = conversation_turns(two_rounds[0]["conversations"])
+    assert turns[1].context.startswith("User: ") and turns[1].context.count("AI: ") == 1
 
 
 def test_only_default_is_an_option_of_mpm_mini(capsys):

