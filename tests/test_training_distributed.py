@@ -346,3 +346,22 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(workspace, refe
     saved, reference = weights(stage, Path(summary["saved"])), references[stage]["weights"]
     for key, value in saved.items():
         torch.testing.assert_close(value, reference[key], rtol=RTOL, atol=WEIGHT_ATOL, msg=key)
+
+
+def test_distributed_two_node_launcher_config_starts_eight_processes_per_node_on_one_rendezvous():
+    """configs/accelerate-2x8.yaml as `accelerate launch` reads it on the second node: torchrun's arguments (what
+    accelerate hands torch.distributed.run) name 2 nodes of 8 processes, this node's rank, and the first node's
+    address as the rendezvous; the engine it names for ZeRO-3 is the repository's."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_multi_gpu_env
+
+    config = REPO_ROOT / "configs" / "accelerate-2x8.yaml"
+    command = ["--config_file", str(config), "--machine_rank", "1", "-m", "viscpm", "train", "chat-sft"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(command))
+    environment = prepare_multi_gpu_env(args)
+    settings = yaml.safe_load(config.read_text())
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert args.rdzv_endpoint == f"{settings['main_process_ip']}:{settings['main_process_port']}"
+    assert environment["ACCELERATE_MIXED_PRECISION"] == "no"  # the stage config's training.bf16 decides
+    assert "--set training.deepspeed=configs/deepspeed-zero3.json" in config.read_text()
+    assert json.loads(ZERO[3].read_text())["zero_optimization"]["stage"] == 3
