@@ -21,7 +21,8 @@ from PIL import Image
 
 from conftest import REPO_ROOT, load_json
 from viscpm import budgets, defaults
-from viscpm.cli import build_parser, main
+from viscpm.cli import CommandError, build_parser, main
+from viscpm.cli import _needs_extra as needs_extra
 from viscpm.conversion.chat import convert_chat
 
 # the original's `VisCPMChat.chat` settings as the fixtures name them -> generation_config.json's names
@@ -136,6 +137,15 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0 and "convert" in out and "chat" in out
+
+
+def test_only_a_missing_module_is_reported_as_a_missing_extra():
+    with pytest.raises(CommandError, match=r"training needs the train extra \(peft is missing\): pip install"):
+        with needs_extra("training", "train"):
+            raise ModuleNotFoundError("No module named 'peft'", name="peft")
+    with pytest.raises(ImportError, match="cannot import name 'no_such_name'"):  # installed, another version
+        with needs_extra("training", "train"):
+            from json import no_such_name  # noqa: F401
 
 
 def test_convert_takes_a_model_name():

@@ -535,10 +535,11 @@ def _add_train_parser(subcommands) -> None:
 
 @contextlib.contextmanager
 def _needs_extra(what: str, extra: str):
-    """An ImportError inside becomes one error line that names the extra to install."""
+    """A module missing inside becomes one error line that names the extra to install. Any other ImportError (a
+    name an installed package lacks: a version mismatch) keeps its traceback, which says what is wrong."""
     try:
         yield
-    except ImportError as error:
+    except ModuleNotFoundError as error:
         raise CommandError(
             f"{what} needs the {extra} extra ({error.name} is missing): pip install 'viscpm[{extra}]'"
         ) from None
