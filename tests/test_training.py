@@ -391,6 +391,33 @@ def test_paint_loss_falls(tmp_path):
     assert falls(summary["losses"]), summary["losses"]
 
 
+def test_paint_token_dropout_hides_prompt_tokens_from_the_unet_and_never_padding(tmp_path):
+    from viscpm.training.paint import PaintCollator
+
+    tokenizer = tiny_pipeline(tmp_path).tokenizer
+    lengths = torch.randint(1, 24, (4000,))
+    tokens = (torch.arange(32)[None] < lengths[:, None]).long()
+    torch.manual_seed(0)
+    keep = PaintCollator(tokenizer, 32, 16, token_dropout=0.3).text_keep(tokens)
+    assert torch.all(keep[tokens == 0] == 1)  # padding stays readable, as at inference
+    assert torch.all((keep * tokens).sum(dim=1) >= 1)  # every prompt keeps a token
+    assert abs(1 - keep[tokens == 1].float().mean().item() - 0.3) < 0.02
+    everything = PaintCollator(tokenizer, 32, 16, token_dropout=1.0).text_keep(tokens)
+    assert torch.equal(everything * tokens, torch.nn.functional.one_hot(torch.zeros(4000).long(), 32) * tokens)
+
+
+def test_paint_token_dropout_reaches_the_unet(tmp_path):
+    """Runs that draw alike and differ only in the mask the UNet gets: the losses differ."""
+    folder = paint_folder(tmp_path)
+    losses = []
+    for dropout in (1e-9, 0.9):
+        paint = {"resolution": 16, "unfreeze": [{"step": 0, "train": ["bridge", "unet"]}], "token_dropout": dropout}
+        config = chat_config(tmp_path, folder, f"dropout-{dropout}", steps=3, paint=paint)
+        summary, _ = train("paint", load_config("paint", str(write_config(tmp_path / "c.yaml", **config))))
+        losses.append(summary["losses"])
+    assert all(np.isfinite(losses[1])) and losses[0][0] != losses[1][0], losses
+
+
 def test_the_command_line_run_lists_skipped_records(tmp_path, capsys):
     folder = chat_folder(tmp_path)
     config = chat_config(tmp_path, folder, "cli", steps=2)

@@ -58,6 +58,7 @@ class PaintMiniConfig:
     )
     paint_steps: int = 2500
     learning_rate: float = 1e-3
+    token_dropout: float = 0.0  # `paint.token_dropout` of Paint training (docs/paint-mini.md)
     unet: dict = field(
         default_factory=lambda: dict(
             block_out_channels=[64, 128],
@@ -230,7 +231,7 @@ def write_captions(folder: Path, scenes: dict, paths: dict, image_ids) -> int:
 def train_paint(config: PaintMiniConfig, model: Path, captions: Path, output: Path) -> dict:
     """`viscpm train paint`: the bridge and the whole UNet from step 0 (the real Paint stages its unfreezing
     because its UNet starts trained; this one starts from scratch)."""
-    paint = {"resolution": config.resolution, "caption_dropout": 0.1,
+    paint = {"resolution": config.resolution, "caption_dropout": 0.1, "token_dropout": config.token_dropout,
              "unfreeze": [{"step": 0, "train": ["bridge", "unet"]}]}  # fmt: skip
     return mpm_mini.run_stage("paint", model, captions, "caption", config.paint_steps, config, output,
                               paint=paint, max_length=32)  # fmt: skip

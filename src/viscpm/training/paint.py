@@ -101,7 +101,7 @@ class VisCPMPaintTrainingModel(nn.Module):
             for parameter in groups[part]:
                 parameter.requires_grad_(True)
 
-    def forward(self, pixel_values: torch.Tensor, **cpmbee_inputs) -> dict:
+    def forward(self, pixel_values: torch.Tensor, text_keep: torch.Tensor | None = None, **cpmbee_inputs) -> dict:
         with torch.no_grad():
             posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
             shape = posterior.mean.shape
@@ -124,7 +124,8 @@ class VisCPMPaintTrainingModel(nn.Module):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                               encoder_attention_mask=text_keep).sample  # fmt: skip
         return {"loss": F.mse_loss(prediction.float(), target.float())}
 
 
@@ -181,12 +182,18 @@ def pipeline_with_weights(pipeline, state_dict: Mapping[str, torch.Tensor]):
 class PaintCollator:
     """Prepared caption samples -> pixels in [-1, 1] at `resolution` and the CPM-Bee batch of their prompts; with
     probability `caption_dropout` a caption is replaced by the empty one, so that the model also learns the
-    unconditional prediction classifier-free guidance needs."""
+    unconditional prediction classifier-free guidance needs.
+
+    `token_dropout`: the probability that the UNet may not read a prompt token's text state (`text_keep`, its
+    cross-attention mask; padding stays readable, as at inference). The pivot spreads a prompt's meaning over all of
+    its positions; a UNet that cannot count on the English colour word's own state learns to read the scene from the
+    others, which is where it is shared with other languages (docs/paint-mini.md)."""
 
     tokenizer: CpmBeeTokenizer
     max_length: int
     resolution: int
     caption_dropout: float = 0.1
+    token_dropout: float = 0.0
 
     def __post_init__(self):
         from ..modeling.pipeline_viscpm_paint import paint_prompt
@@ -202,4 +209,15 @@ class PaintCollator:
         batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(samples)
         images = [open_image(row["image"]) for row in rows]
         batch["pixel_values"] = vae_pixels(images, self.resolution)
-        return {key: batch[key] for key in (*CPMBEE_INPUT_NAMES, "pixel_values") if key in batch}
+        if self.token_dropout:
+            batch["text_keep"] = self.text_keep(batch["attention_mask"])
+        return {key: batch[key] for key in (*CPMBEE_INPUT_NAMES, "pixel_values", "text_keep") if key in batch}
+
+    def text_keep(self, tokens: torch.Tensor) -> torch.Tensor:
+        """1 where the UNet reads a position: padding always, each prompt token with probability 1 - token_dropout,
+        and at least a prompt's first token. Drawn for the global batch at full width, so that every process takes
+        the draws one process would."""
+        draws = this_process_rows(lambda n: torch.rand((n, self.max_length)), tokens.shape[0])[:, : tokens.shape[1]]
+        dropped = (draws < self.token_dropout) & tokens.bool()
+        dropped[:, 0] &= (tokens.bool() & ~dropped).any(dim=1)  # a prompt with every token dropped keeps its first
+        return (~dropped).long()

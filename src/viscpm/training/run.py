@@ -12,7 +12,8 @@ The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any
       conversation_rounds: all all rounds of a conversation (the original kept only the first: `first`)
     tune_llm / tune_vision:    chat stages (defaults per stage below)
     lora: {r, alpha, dropout, target_modules, modules_to_save, quantization: null | nf4 | int8}   chat-sft only
-    paint: {resolution, caption_dropout, unfreeze: [{step, train: [bridge | unet_cross_attention | unet]}, ...]}
+    paint: {resolution, caption_dropout, token_dropout,
+            unfreeze: [{step, train: [bridge | unet_cross_attention | unet]}, ...]}
     training:                  keyword arguments of transformers.TrainingArguments, as they are: learning rate and
                                schedule, batch size, gradient_accumulation_steps, bf16 / fp16,
                                activation_checkpointing, save_steps, deepspeed (a ZeRO config file), fsdp, ...
@@ -46,7 +47,7 @@ DEFAULTS = {
     "tune_llm": None,
     "tune_vision": None,
     "lora": None,
-    "paint": {"resolution": 512, "caption_dropout": 0.1, "unfreeze": None},
+    "paint": {"resolution": 512, "caption_dropout": 0.1, "token_dropout": 0.0, "unfreeze": None},
     "training": {},
 }
 TRAINING_DEFAULTS = {
@@ -220,9 +221,9 @@ def build_paint(config: dict):
         min_image_size=data["min_image_size"],
         seed=config["seed"],
     )
-    collator = PaintCollator(
-        pipeline.tokenizer, data["max_length"], config["paint"]["resolution"], config["paint"]["caption_dropout"]
-    )
+    paint = config["paint"]
+    collator = PaintCollator(pipeline.tokenizer, data["max_length"], paint["resolution"], paint["caption_dropout"],
+                             paint["token_dropout"])  # fmt: skip
     return model, pipeline, dataset, report, collator, [unfreezing]
 
 
