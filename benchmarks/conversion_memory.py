@@ -89,6 +89,14 @@ def write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     torch.save(state_dict, path)
 
 
+def print_measures(rows: list[tuple[str, str]]) -> None:
+    """A two-column markdown table of (measure, value) rows."""
+    width = max(len(name) for name, _ in rows)
+    print(f"\n| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/viscpm-conversion-bench"))
@@ -140,10 +148,7 @@ def main() -> None:
             f"{(GB + largest) / GB:.2f} GB -> {'met' if peak <= GB + largest else 'MISSED'}",
         ),
     ]
-    width = max(len(name) for name, _ in rows)
-    print(f"\n| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name.ljust(width)} | {value} |")
+    print_measures(rows)
 
 
 if __name__ == "__main__":

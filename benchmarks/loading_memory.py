@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from conversion_memory import print_measures
 
 GB = 1024**3
 SHARD_BYTES = 2 * GB
@@ -175,10 +176,7 @@ def main() -> None:
             ("peak RSS after the forward", f"{report['peak_rss_forward'] / GB:.2f} GB"),
             ("  / checkpoint", f"{report['peak_rss_forward'] / size:.3f}"),
         ]
-    width = max(len(name) for name, _ in rows)
-    print(f"\n| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name.ljust(width)} | {value} |")
+    print_measures(rows)
 
 
 if __name__ == "__main__":
