@@ -276,7 +276,6 @@ def test_concurrent_image_requests_of_one_size_run_as_one_batch_and_draw_as_each
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_serve_command_answers_chat_and_images_on_the_shipped_defaults():
     """`viscpm serve` with no model given: the toy Chat and Paint models, for the openai client."""
     command = [sys.executable, "-m", "viscpm", "serve", "--port", "0", "--paint-steps", "10"]
