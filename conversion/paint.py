@@ -42,7 +42,6 @@ from .export import (
 )
 
 UNET_PREFIX = "unet."
-BRIDGE_PREFIX = "trans_block."
 BRIDGE_WEIGHT = "trans_block.w_out_res.weight"
 
 # Stable Diffusion 2.1 base's noise schedule (`scheduler/scheduler_config.json`), read by the original into a

@@ -1,10 +1,14 @@
-"""The `viscpm` command line (also `python -m viscpm`).
+"""The `viscpm` command line (also `python -m viscpm`). Its commands (`viscpm COMMAND --help` for every option):
 
-    viscpm convert chat --checkpoint ORIGINAL.pt --vocab bee.txt --output DIR [--config FILE] [--overwrite]
-    viscpm chat --model DIR --image PATH --question TEXT [--context TEXT] [--max-new-tokens N] [--num-beams N]
-                [--do-sample] [--seed S] [--json]
-    viscpm train chat-pretrain|chat-sft|paint --config FILE [--set KEY=VALUE ...] [--resume]
-    viscpm merge-lora ADAPTER_DIR --output DIR [--base DIR]
+    viscpm convert chat|paint --checkpoint ORIGINAL.pt --vocab bee.txt --output DIR   original checkpoint -> Hub folder
+    viscpm chat [--model DIR] --image PATH --question TEXT                           one answer about an image
+    viscpm paint [--model DIR] -o PNG PROMPT                                          text to image
+    viscpm train chat-pretrain|chat-sft|paint --config FILE [--set KEY=VALUE] [--resume]
+    viscpm merge-lora ADAPTER_DIR --output DIR [--base DIR]                           a LoRA adapter into its base
+    viscpm assemble-chat --pivot DIR [--vision DIR] --output DIR                      VisCPM-Chat around any LLM
+    viscpm experiment mpm-mini|paint-mini [--output DIR] [--quick]                    the toy-scale MpM runs
+    viscpm serve [--model DIR] [--paint-model DIR]                                    the HTTP API
+    viscpm demo chat|paint [--model DIR]                                              the browser demo
 
 One function per (sub)command, all wired up in `build_parser()`: a new command (`paint`, `train`, `serve`, `demo`)
 is a `_add_<name>_parser(subcommands)` plus a `_run_<name>(args) -> int`; a new converter is one more parser under
