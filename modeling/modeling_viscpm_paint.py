@@ -168,7 +168,7 @@ class VisCPMPaintModel(VisCPMPaintPreTrainedModel):
             Diffusion timestep(s).
         encoder_hidden_states (`torch.FloatTensor` of shape `(batch, length, cross_attention_dim)`, *optional*):
             Text states computed earlier ([`~VisCPMPaintTextEncoder.encode_prompt`]); otherwise they are computed from
-            the CPM-Bee inputs passed as keyword arguments (a batch `CpmBeeTrainingCollator` built).
+            the CPM-Bee inputs passed as keyword arguments (a batch `CpmBeeCollator` built).
         noise (`torch.FloatTensor`, *optional*):
             The noise that was added to the latents: with it, `loss` is the original's MSE training loss.
         """

@@ -43,7 +43,7 @@ from .configuration_cpmbee import CpmBeeConfig  # noqa: F401
 from .configuration_viscpm_paint import VisCPMPaintConfig  # noqa: F401
 from .modeling_cpmbee import CpmBeeModel  # noqa: F401
 from .modeling_viscpm_paint import VisCPMPaintTextEncoder
-from .structured_cpmbee import CpmBeeTrainingCollator, encode_structured
+from .structured_cpmbee import CpmBeeCollator, encode_structured
 from .tokenization_cpmbee import CpmBeeTokenizer
 
 # Latent downsampling of Stable Diffusion's VAE: only used when the pipeline has no VAE (latent output).
@@ -354,7 +354,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         limit = self.text_encoder.config.max_prompt_length
         samples = []
         for caption in [*captions, *padding_captions]:
-            sample = encode_structured(self.tokenizer, paint_prompt(caption)).to_training_item()
+            sample = encode_structured(self.tokenizer, paint_prompt(caption)).to_sample()
             if len(sample["input_ids"]) > limit:
                 raise ValueError(
                     f"the prompt {caption[:40]!r}... encodes to {len(sample['input_ids'])} tokens, more than "
@@ -362,7 +362,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
                 )
             samples.append(sample)
         length = max(len(sample["input_ids"]) for sample in samples)
-        return CpmBeeTrainingCollator(self.tokenizer, max_length=length)(samples[: len(captions)])
+        return CpmBeeCollator(self.tokenizer, max_length=length)(samples[: len(captions)])
 
     def encode_prompt(
         self,

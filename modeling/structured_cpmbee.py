@@ -92,8 +92,8 @@ class CpmBeeSegments:
     ext_states: CpmBeeExtStates
     image_bound: torch.Tensor
 
-    def to_training_item(self) -> dict[str, torch.Tensor]:
-        """The per-sample dict [`CpmBeeTrainingCollator`] batches, as the original fine-tuning item builder made it."""
+    def to_sample(self) -> dict[str, torch.Tensor]:
+        """This input as one sample for [`CpmBeeCollator`], laid out as the original item builder made it."""
         return {
             "input_ids": self.input_ids,
             "input_id_subs": self.input_id_subs,
@@ -459,14 +459,15 @@ def build_generation_batch(
     return CpmBeeGenerationBatch(model_inputs, predict_segments, answer_placeholders, ext_tables, filled_prompts)
 
 
-class CpmBeeTrainingCollator:
+class CpmBeeCollator:
     """
-    Batches training samples (the original `CPMBeeCollater`), right padded to `max_length`.
+    Batches encoded samples (the original `CPMBeeCollater`), right padded to `max_length`: training batches, and
+    the prompt batches of the Paint pipeline, which reads the text states at every position of the same layout.
 
     Each sample is a mapping with `input_ids`, `input_id_subs`, `context`, `segment_ids`, `segment_rel`,
     `segment_rel_offset`, `sample_ids`, `num_segments` (arrays of shape `(seq_len,)` or `(1, seq_len)`, the original
     item builder's layout), optionally `image_bound` `(num_images, 2)` and `pixel_values`; see
-    [`CpmBeeSegments.to_training_item`].
+    [`CpmBeeSegments.to_sample`].
 
     Returns the model inputs of [`CpmBeeGenerationBatch`] (right padded, `ext_table_ids`/`ext_table_sub` repeated on
     every row) plus `labels` (the original's `target`: at an answer token, the id of the next token; `</s>` where the
@@ -491,9 +492,7 @@ class CpmBeeTrainingCollator:
     def _as_tensors(self, index: int, sample: Mapping) -> dict[str, torch.Tensor]:
         missing = [key for key in (*self.per_token_keys, "segment_rel") if key not in sample]
         if missing:
-            raise KeyError(
-                f"Training sample {index} lacks {missing}; build samples with CpmBeeSegments.to_training_item."
-            )
+            raise KeyError(f"Sample {index} lacks {missing}; build samples with CpmBeeSegments.to_sample.")
         tensors = {
             key: torch.as_tensor(sample[key]).reshape(-1).long() for key in (*self.per_token_keys, "segment_rel")
         }
@@ -532,7 +531,7 @@ class CpmBeeTrainingCollator:
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if not samples:
-            raise ValueError("CpmBeeTrainingCollator needs at least one sample.")
+            raise ValueError("CpmBeeCollator needs at least one sample.")
         tensors = [self._as_tensors(index, sample) for index, sample in enumerate(samples)]
         batch_ext_index: dict[tuple[int, int], int] = {}
         labels = torch.stack([self._labels(sample, batch_ext_index) for sample in tensors])
@@ -566,7 +565,7 @@ __all__ = [
     "CpmBeeExtStates",
     "CpmBeeGenerationBatch",
     "CpmBeeSegments",
-    "CpmBeeTrainingCollator",
+    "CpmBeeCollator",
     "build_generation_batch",
     "encode_structured",
     "rel_to_bucket",

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from conftest import golden_cases, load_json
 from viscpm.conversion.checkpoint import cpmbee_config_from_original, load_original_cpmbee, read_original_checkpoint
 from viscpm.modeling.modeling_cpmbee import CpmBeeForCausalLM
-from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, build_generation_batch, encode_structured
+from viscpm.modeling.structured_cpmbee import CpmBeeCollator, build_generation_batch, encode_structured
 from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 pytestmark = pytest.mark.golden
@@ -297,11 +297,11 @@ def paint_text_batches(tokenizer, prompt: str, negative_prompt: str | None) -> l
     """The original VisCPM-Paint text input: `{'caption': prompt, 'objects': ''}` and its unconditional twin, each
     collated on its own but padded (right) to the longer of the two."""
     samples = [
-        encode_structured(tokenizer, {"caption": caption, "objects": ""}).to_training_item()
+        encode_structured(tokenizer, {"caption": caption, "objects": ""}).to_sample()
         for caption in (prompt, negative_prompt or "")
     ]
     length = max(len(sample["input_ids"]) for sample in samples)
-    collator = CpmBeeTrainingCollator(tokenizer, max_length=length)
+    collator = CpmBeeCollator(tokenizer, max_length=length)
     return [collator([sample]) for sample in samples]
 
 
@@ -327,8 +327,8 @@ def test_teacher_forced_loss_from_structured_input(chat_llm, tokenizer, golden_d
     golden = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")
     for case in load_json(golden_dir / "chat" / "forward_teacher_forcing.json"):
         name = case["name"]
-        sample = encode_structured(tokenizer, case["data"]).to_training_item()
-        batch = CpmBeeTrainingCollator(tokenizer, max_length=len(sample["input_ids"]))([sample])
+        sample = encode_structured(tokenizer, case["data"]).to_sample()
+        batch = CpmBeeCollator(tokenizer, max_length=len(sample["input_ids"]))([sample])
         embeds = chat_llm.model.embed_tokens(
             batch["input_ids"], batch["input_id_subs"], batch["ext_table_ids"], batch["ext_table_sub"]
         )

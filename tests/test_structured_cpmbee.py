@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_tensor_equal, golden_cases, json_array, load_json
 from viscpm.modeling.structured_cpmbee import (
-    CpmBeeTrainingCollator,
+    CpmBeeCollator,
     build_generation_batch,
     encode_structured,
     rel_to_bucket,
@@ -178,7 +178,7 @@ def test_training_collator(tokenizer, golden_dir):
     fixture = load_json(golden_dir / "tokenizer" / "collated_batch.json")
     # The training Dataset keeps the first round of each conversation.
     samples = [entry["items"][0] for entry in load_json(golden_dir / "chat" / "train_items.json")["items"]]
-    batch = CpmBeeTrainingCollator(tokenizer, max_length=fixture["max_len"])(samples)
+    batch = CpmBeeCollator(tokenizer, max_length=fixture["max_len"])(samples)
 
     for key, array in fixture["batch"].items():
         expected = torch.as_tensor(json_array(array))
@@ -195,14 +195,12 @@ def test_training_collator(tokenizer, golden_dir):
 @pytest.mark.golden
 @file_cases("chat/forward_teacher_forcing.json")
 def test_training_sample_from_structured_input(tokenizer, golden_dir, case):
-    """encode_structured -> to_training_item -> collator, as the original item builder and collater made them."""
+    """encode_structured -> to_sample -> collator, as the original item builder and collater made them."""
     expected = load_file(golden_dir / "chat" / "forward_teacher_forcing.safetensors")
     name = case["name"]
     data = {**case["data"], "<ans>": tokenizer.escape(case["data"]["<ans>"])}
     length = expected[f"{name}.in.input_ids"].shape[1]
-    batch = CpmBeeTrainingCollator(tokenizer, max_length=length)(
-        [encode_structured(tokenizer, data).to_training_item()]
-    )
+    batch = CpmBeeCollator(tokenizer, max_length=length)([encode_structured(tokenizer, data).to_sample()])
     for key in ("input_ids", "input_id_subs", "context", "segment_ids", "segment_rel", "num_segments", "sample_ids"):
         assert_tensor_equal(batch[key], expected[f"{name}.in.{key}"], key)
     for key in ("segment_rel_offset", "length", "span", "image_bound"):
@@ -370,9 +368,9 @@ def test_bad_prompts(tiny_tokenizer):
 def test_training_labels_by_hand(tiny_tokenizer):
     # 0-2 root | 3-5 <ans> key | 6-8 key x | 9-10 answer "a" (open) | 11-13 key y | 14-16 answer "bé" (open)
     segments = encode_structured(tiny_tokenizer, {"<ans>": {"x": "a", "y": "bé"}, "q": "é ü"})
-    item = segments.to_training_item()
+    item = segments.to_sample()
     item["pixel_values"] = torch.ones(3, 2, 2)
-    batch = CpmBeeTrainingCollator(tiny_tokenizer, max_length=32)([item, item])
+    batch = CpmBeeCollator(tiny_tokenizer, max_length=32)([item, item])
     labels = batch["labels"][0].tolist()
     vocab_size = len(TINY_VOCAB)
     expected = [IGNORED] * 32
@@ -386,19 +384,19 @@ def test_training_labels_by_hand(tiny_tokenizer):
     assert batch["attention_mask"][0].tolist() == [1] * len(segments.input_ids) + [0] * (32 - len(segments.input_ids))
     assert batch["segment_rel"].shape == (2, max(32, segments.num_segments**2))
 
-    with_ext_label = encode_structured(tiny_tokenizer, {"q": "é", "<ans>": "ü é ñ"}).to_training_item()
-    labels = CpmBeeTrainingCollator(tiny_tokenizer, max_length=24)([with_ext_label])["labels"][0]
+    with_ext_label = encode_structured(tiny_tokenizer, {"q": "é", "<ans>": "ü é ñ"}).to_sample()
+    labels = CpmBeeCollator(tiny_tokenizer, max_length=24)([with_ext_label])["labels"][0]
     # "ü" and "ñ" are <unk> subs 1 and 2 (batch ext ids), "é" is sub 0 (the plain <unk> id).
     space = ID["</_>"]
     assert labels[labels != IGNORED].tolist() == [vocab_size, space, UNK, space, vocab_size + 1, EOS]
 
 
 def test_training_collator_errors(tiny_tokenizer):
-    item = encode_structured(tiny_tokenizer, {"q": "abc", "<ans>": "a"}).to_training_item()
+    item = encode_structured(tiny_tokenizer, {"q": "abc", "<ans>": "a"}).to_sample()
     with pytest.raises(ValueError, match="more than max_length=4"):
-        CpmBeeTrainingCollator(tiny_tokenizer, max_length=4)([item])
+        CpmBeeCollator(tiny_tokenizer, max_length=4)([item])
     with pytest.raises(KeyError, match="segment_rel"):
-        CpmBeeTrainingCollator(tiny_tokenizer, max_length=32)([{k: v for k, v in item.items() if k != "segment_rel"}])
-    empty_table = CpmBeeTrainingCollator(tiny_tokenizer, max_length=32)([item])
+        CpmBeeCollator(tiny_tokenizer, max_length=32)([{k: v for k, v in item.items() if k != "segment_rel"}])
+    empty_table = CpmBeeCollator(tiny_tokenizer, max_length=32)([item])
     # No ext token: one dummy entry keeps the ext logits non-empty, as in the original.
     assert empty_table["ext_table_ids"].tolist() == [[0]] and empty_table["ext_table_sub"].tolist() == [[1]]

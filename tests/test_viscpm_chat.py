@@ -18,7 +18,7 @@ from viscpm import (
     VisCPMChatProcessor,
 )
 from viscpm.modeling.modeling_viscpm_chat import place_image_features
-from viscpm.modeling.structured_cpmbee import CpmBeeTrainingCollator, encode_structured
+from viscpm.modeling.structured_cpmbee import CpmBeeCollator, encode_structured
 
 ATOL = RTOL = 1e-4
 
@@ -87,8 +87,8 @@ def test_teacher_forced_forward_from_pixels(chat_model, golden_dir):
     pixels = load_file(golden_dir / "chat" / "image_transform.safetensors")["pixel_values"]
     for case in load_json(golden_dir / "chat" / "forward_teacher_forcing.json"):
         name = case["name"]
-        sample = encode_structured(tokenizer, case["data"]).to_training_item()
-        batch = CpmBeeTrainingCollator(tokenizer, max_length=len(sample["input_ids"]))([sample])
+        sample = encode_structured(tokenizer, case["data"]).to_sample()
+        batch = CpmBeeCollator(tokenizer, max_length=len(sample["input_ids"]))([sample])
         with torch.no_grad():
             outputs = chat_model(pixel_values=pixels[case["image_index"]][None], use_cache=False, **batch)
         torch.testing.assert_close(

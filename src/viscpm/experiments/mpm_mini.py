@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.structured_cpmbee import CpmBeeTrainingCollator
+from ..modeling.structured_cpmbee import CpmBeeCollator
 from . import glossary as g
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>")
@@ -253,7 +253,7 @@ def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], outpu
         model = CpmBeeForCausalLM(
             CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **config.text)
         )
-        collator = CpmBeeTrainingCollator(tokenizer, max_length)
+        collator = CpmBeeCollator(tokenizer, max_length)
     else:
         processor = pivot_processor(config, tokenizer)
         samples = pivot_text_samples(prompts, processor)

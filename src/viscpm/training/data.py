@@ -36,7 +36,7 @@ import datasets
 import PIL.Image
 import torch
 
-from ..modeling.structured_cpmbee import CpmBeeTrainingCollator, encode_structured
+from ..modeling.structured_cpmbee import CpmBeeCollator, encode_structured
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 # The original's caption requests (VisCPM finetune/utils/prompts.py), typos included: they are the prompt format the
@@ -68,7 +68,7 @@ CAPTION_SEPARATOR = "<cap_sep>"
 CHINESE_CHARACTER = re.compile("[\u4e00-\u9fff]")
 RECORD_KINDS = ("caption", "conversation")
 # columns of a prepared sample: the per-token structure (lists of ints), the relation table, the image
-SAMPLE_COLUMNS = (*CpmBeeTrainingCollator.per_token_keys, "segment_rel", "image_bound", "image")
+SAMPLE_COLUMNS = (*CpmBeeCollator.per_token_keys, "segment_rel", "image_bound", "image")
 REPORT_EXAMPLES = 5  # record indices kept per skip reason
 
 
@@ -317,10 +317,10 @@ def paint_prompts(text: Any, rng: random.Random) -> list[dict]:
 
 def training_sample(tokenizer: CpmBeeTokenizer, prompt: dict, max_length: int) -> dict:
     """A structured prompt as a training sample (lists of ints), or SkippedRecord when it is over-long."""
-    item = encode_structured(tokenizer, prompt).to_training_item()
+    item = encode_structured(tokenizer, prompt).to_sample()
     if len(item["input_ids"]) > max_length:
         raise SkippedRecord(f"over max_length={max_length} tokens")
-    return {key: item[key].tolist() for key in (*CpmBeeTrainingCollator.per_token_keys, "segment_rel")} | {
+    return {key: item[key].tolist() for key in (*CpmBeeCollator.per_token_keys, "segment_rel")} | {
         "image_bound": item["image_bound"].tolist()
     }
 
@@ -490,7 +490,7 @@ class ImageTextCollator:
     image_transform: Callable[[PIL.Image.Image], Any]
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
-        batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(rows)
+        batch = CpmBeeCollator(self.tokenizer, self.max_length)(rows)
         batch.pop("pixel_values", None)
         batch["pixel_values"] = pixel_batch(rows, self.image_transform)
         return batch

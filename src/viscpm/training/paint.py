@@ -18,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..modeling.modeling_viscpm_paint import CPMBEE_INPUT_NAMES
-from ..modeling.structured_cpmbee import CpmBeeTrainingCollator
+from ..modeling.structured_cpmbee import CpmBeeCollator
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 PAINT_PARTS = ("bridge", "unet_cross_attention", "unet")
@@ -206,7 +206,7 @@ class PaintCollator:
 
         dropped = this_process_rows(torch.rand, len(rows)) < self.caption_dropout
         samples = [self.empty_caption if drop else row for row, drop in zip(rows, dropped.tolist())]
-        batch = CpmBeeTrainingCollator(self.tokenizer, self.max_length)(samples)
+        batch = CpmBeeCollator(self.tokenizer, self.max_length)(samples)
         images = [open_image(row["image"]) for row in rows]
         batch["pixel_values"] = vae_pixels(images, self.resolution)
         if self.token_dropout:
