@@ -36,6 +36,7 @@ from .checkpoint import (
     require_tensor,
 )
 from .export import (
+    CHAT_CARD,
     check_output,
     parse_dtype,
     render_model_card,
@@ -106,65 +107,6 @@ def chat_config_from_checkpoint(
     )
 
 
-CHAT_CARD = {
-    "library_name": "transformers",
-    "pipeline_tag": "image-text-to-text",
-    "base_model": "openbmb/VisCPM-Chat",
-    "description": (
-        "VisCPM-Chat answers questions about an image in Chinese and English, over several turns. A BEiT-3 vision "
-        "encoder reads the image together with learned queries; an MLP maps the query outputs into CPM-Bee 10B, "
-        "the multilingual language model that MpM uses as its pivot: the vision-language alignment was trained on "
-        "English image-text data, and the model works zero-shot in Chinese."
-    ),
-    "usage": """```python
-import viscpm  # registers the classes (or pass trust_remote_code=True without installing viscpm)
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{repo}", dtype="auto")
-processor = AutoProcessor.from_pretrained("{repo}")
-answer, context, vision_states = model.chat("photo.jpg", "这张图片里有什么？", processor)
-answer, context, _ = model.chat(
-    None, "What colour is it?", processor, context=context, vision_hidden_states=vision_states
-)
-```
-
-Without `viscpm` installed, the model files shipped in this folder are used:
-
-```python
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-```
-
-4-bit on one GPU:
-
-```python
-from transformers import BitsAndBytesConfig
-
-quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
-model = AutoModel.from_pretrained("{repo}", quantization_config=quantization, device_map="auto")
-```
-
-LoRA fine-tuning with peft (CPM-Bee's projections are plain `nn.Linear` modules):
-
-```python
-from peft import LoraConfig, get_peft_model
-
-lora = LoraConfig(r=16, lora_alpha=32, target_modules=["project_q", "project_k", "project_v", "attention_out"])
-model = get_peft_model(model, lora)
-```""",
-    "evaluation": """Results reported by the VisCPM authors (LLaVA benchmark, GPT-4 scored; English and its Chinese
-translation), not measured here:
-
-| Model | LLM | En conv. | En detail | En reasoning | En avg | Zh conv. | Zh detail | Zh reasoning | Zh avg |
-|---|---|---|---|---|---|---|---|---|---|
-| LLaVA | Vicuna-13B | 89.5 | 70.4 | 96.2 | 85.6 | - | - | - | - |
-| Qwen-VL | Qwen-7B | 82.4 | 72.6 | 91.9 | 83.8 | 82.3 | 93.4 | 89.5 | 88.2 |
-| VisCPM-Chat-balance | CPM-Bee-10B | 83.3 | 68.9 | 90.5 | 81.1 | 92.7 | 76.1 | 89.2 | 86.3 |
-| VisCPM-Chat-zhplus | CPM-Bee-10B | 80.1 | 65.7 | 92.5 | 79.6 | 90.3 | 81.4 | 92.1 | 88.2 |
-| VisCPM-Chat-v1.1 | CPM-Bee-10B | 80.1 | 67.1 | 97.1 | 81.5 | 91.3 | 90.7 | 95.4 | 92.5 |""",
-}
-
-
 def convert_chat(
     checkpoint: str | Path,
     vocab: str | Path,
@@ -222,8 +164,7 @@ def convert_chat(
         write_weights(staging, weights, weight_dtype, max_shard_size, release=memory_mapped)
         source_dtypes = {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state_dict.items()}
         write_original_extras(staging, extras, source_dtypes, release=memory_mapped)
-        card = {**CHAT_CARD, "model_name": model_name, "usage": CHAT_CARD["usage"].format(repo=model_name)}
-        (staging / "README.md").write_text(render_model_card(card), encoding="utf-8")
+        (staging / "README.md").write_text(render_model_card(CHAT_CARD, model_name), encoding="utf-8")
         if verify:
             verify_weights(staging, weights, weight_dtype, release=memory_mapped)
     return Path(output)

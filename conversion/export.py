@@ -36,6 +36,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 CHUNK_BYTES = 64 * 1024**2
 # the repository's model_card.md, linked into this package so that a wheel carries it
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
+# each model's sections of the card, package data beside it
+CHAT_CARD = Path(__file__).with_name("model_card_chat.md")
+PAINT_CARD = Path(__file__).with_name("model_card_paint.md")
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -197,14 +200,25 @@ def verify_weights(
         raise CheckpointError(f"verification failed: written tensors differ {mismatched[:10]}, missing {missing[:10]}")
 
 
-def render_model_card(values: Mapping[str, str], template: Path = MODEL_CARD_TEMPLATE) -> str:
-    """`model_card.md` with its `{{ name }}` placeholders filled; an unknown or unfilled placeholder is an error."""
+def model_card_sections(card: Path) -> dict[str, str]:
+    """A model's values for `model_card.md` (`model_card_chat.md`, `model_card_paint.md`): each `<!-- name -->` line
+    starts the value of the template's `{{ name }}`."""
+    pieces = re.split(r"^<!-- (\w+) -->\n", card.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    if pieces[0].strip():
+        raise ValueError(f"{card.name}: text before its first `<!-- name -->` section line")
+    return {name: value.strip() for name, value in zip(pieces[1::2], pieces[2::2])}
+
+
+def render_model_card(card: Path, model_name: str, template: Path = MODEL_CARD_TEMPLATE) -> str:
+    """`model_card.md` with its `{{ name }}` placeholders filled from `card`'s sections and `model_name` (which the
+    sections may use too: the repository id in the usage examples); an unknown or unfilled placeholder is an error."""
     text = template.read_text(encoding="utf-8")
-    for name, value in values.items():
+    for name, value in {**model_card_sections(card), "model_name": model_name}.items():
         placeholder = "{{ " + name + " }}"
         if placeholder not in text:
             raise KeyError(f"model_card.md has no placeholder {placeholder}")
         text = text.replace(placeholder, value)
+    text = text.replace("{{ model_name }}", model_name)
     if "{{" in text:
         raise KeyError(f"model_card.md placeholder left unfilled: {text[text.index('{{') :].split('}}')[0]}}}}}")
     return text

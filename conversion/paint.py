@@ -32,6 +32,7 @@ from .checkpoint import (
     require_tensor,
 )
 from .export import (
+    PAINT_CARD,
     check_output,
     parse_dtype,
     render_model_card,
@@ -169,83 +170,11 @@ def build_paint_pipeline(
     )
 
 
-PAINT_CARD = {
-    "library_name": "diffusers",
-    "pipeline_tag": "text-to-image",
-    "base_model": "openbmb/VisCPM-Paint",
-    "description": (
-        "VisCPM-Paint draws images from Chinese and English prompts. CPM-Bee 10B, the multilingual language model "
-        "that MpM uses as its pivot, reads the prompt; a linear bridge maps its hidden states into the cross-attention "
-        "of a Stable Diffusion 2.1 base UNet. The text-image alignment was trained on English data, and the model "
-        "works zero-shot in Chinese."
-    ),
-    "usage": """```python
-import torch
-import viscpm  # registers the classes; or use DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
-from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
-
-pipe = VisCPMPaintPipeline.from_pretrained("{repo}")
-image = pipe("海上生明月，天涯共此时，唯美风格，抽象风格", generator=torch.Generator().manual_seed(0)).images[0]
-image.save("moon.png")
-```
-
-Without `viscpm` installed, the code shipped in this folder is used:
-
-```python
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
-```
-
-The scheduler is the original's `DDPMScheduler` (50 steps); any diffusers scheduler can replace it:
-
-```python
-from diffusers import DPMSolverMultistepScheduler
-
-pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-image = pipe("一座蒸汽朋克风格的唐朝寺庙", num_inference_steps=20).images[0]
-```
-
-The 10B text encoder in 4 bits on one GPU (the UNet in fp16):
-
-```python
-from transformers import BitsAndBytesConfig
-from viscpm import VisCPMPaintTextEncoder
-
-quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
-text_encoder = VisCPMPaintTextEncoder.from_pretrained(
-    "{repo}", subfolder="text_encoder", quantization_config=quantization
-)
-pipe = VisCPMPaintPipeline.from_pretrained("{repo}", text_encoder=text_encoder, dtype=torch.float16).to("cuda")
-```
-
-LoRA on the UNet's attention with peft (the text encoder stays frozen, as in MpM):
-
-```python
-from peft import LoraConfig
-
-pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-```""",
-    "evaluation": """Zero-shot FID on 30,000 MSCOCO images, reported by the VisCPM authors (not measured here):
-
-| Model | FID English | FID Chinese |
-|---|---|---|
-| Stable Diffusion | 8.6 | - |
-| AltDiffusion | 17.2 | 16.1 |
-| TaiyiDiffusion | - | 15.6 |
-| VisCPM-Paint-balance | 9.5 | 10.9 |
-| VisCPM-Paint-zhplus | 9.9 | 9.6 |""",
-}
-
-
 def write_paint_folder(staging: Path, pipeline: VisCPMPaintPipeline, max_shard_size: str | int, model_name: str):
     """Everything the folder holds: the pipeline's components (`save_pretrained` also ships the model code) and the
     model card."""
     pipeline.save_pretrained(staging, max_shard_size=max_shard_size)
-    card = render_model_card(
-        {**PAINT_CARD, "model_name": model_name, "usage": PAINT_CARD["usage"].format(repo=model_name)}
-    )
-    (staging / "README.md").write_text(card, encoding="utf-8")
+    (staging / "README.md").write_text(render_model_card(PAINT_CARD, model_name), encoding="utf-8")
 
 
 def convert_paint(

@@ -126,6 +126,22 @@ def test_model_card(sharded):
     assert "{{" not in card
 
 
+def test_model_card_sections_fill_the_template_and_refuse_strays(tmp_path):
+    from viscpm.conversion.export import CHAT_CARD, PAINT_CARD, model_card_sections, render_model_card
+
+    for card, library in ((CHAT_CARD, "transformers"), (PAINT_CARD, "diffusers")):
+        text = render_model_card(card, "me/model")
+        assert f"library_name: {library}" in text and 'from_pretrained("me/model"' in text and "{{" not in text
+    stray = tmp_path / "stray.md"
+    stray.write_text("a line before any section\n<!-- description -->\ntext\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="before its first"):
+        model_card_sections(stray)
+    unknown = tmp_path / "unknown.md"
+    unknown.write_text((CHAT_CARD.read_text(encoding="utf-8")) + "<!-- licence -->\nGML\n", encoding="utf-8")
+    with pytest.raises(KeyError, match="no placeholder"):
+        render_model_card(unknown, "me/model")
+
+
 def test_written_weights_are_verified(golden_chat, tmp_path):
     """A tensor changed after writing is caught by the verification."""
     from viscpm.conversion.chat import chat_key
