@@ -24,7 +24,7 @@ from ..modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
 from ..modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 from ..modeling.processing_viscpm_chat import VisCPMChatProcessor
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
-from .beit3 import BEIT3_PREFIX, beit3_key, original_beit3_key
+from .beit3 import BEIT3_PREFIX, beit3_config_from_original, beit3_key, original_beit3_key
 from .checkpoint import (
     CPMBEE_PREFIX,
     CheckpointError,
@@ -84,7 +84,7 @@ def chat_config_from_checkpoint(
     image_size = patches_per_side * patch_size
     encoder_config = original.get("beit3", {}).get("encoder_config")
     # what the shapes cannot tell (head count, epsilon) comes from the original config, else the release's
-    base = Beit3VisionConfig.from_original(encoder_config) if encoder_config is not None else Beit3VisionConfig()
+    base = beit3_config_from_original(encoder_config) if encoder_config is not None else Beit3VisionConfig()
     vision_config = Beit3VisionConfig(
         num_attention_heads=base.num_attention_heads,
         layer_norm_eps=base.layer_norm_eps,

@@ -15,6 +15,7 @@ from torch import nn
 from conftest import load_json
 from viscpm.conversion.beit3 import (
     DROPPED_ORIGINAL_PREFIXES,
+    beit3_config_from_original,
     beit3_key,
     load_original_beit3,
     original_beit3_key,
@@ -52,7 +53,7 @@ def golden_chat(golden_dir):
 
 
 def golden_tower(golden_chat, attn_implementation: str) -> Beit3VisionModel:
-    config = Beit3VisionConfig.from_original(golden_chat["config"]["beit3"]["encoder_config"])
+    config = beit3_config_from_original(golden_chat["config"]["beit3"]["encoder_config"])
     config._attn_implementation = attn_implementation
     model = Beit3VisionModel(config).eval()
     assert model.config._attn_implementation == attn_implementation
@@ -398,17 +399,17 @@ def test_config_from_original_reads_torchscale_fields_and_refuses_other_architec
         multiway=True,
         no_output_layer=True,
     )
-    config = Beit3VisionConfig.from_original(original)
+    config = beit3_config_from_original(original)
     assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (48, 6, 96)
     assert (config.num_hidden_layers, config.image_size, config.layer_norm_eps) == (3, 48, 1e-6)
     assert (config.max_source_positions, config.num_image_tokens) == (40, 10)
     with pytest.raises(ValueError, match="multiway"):
-        Beit3VisionConfig.from_original({**original, "multiway": False})
+        beit3_config_from_original({**original, "multiway": False})
     with pytest.raises(ValueError, match="subln"):
-        Beit3VisionConfig.from_original({**original, "subln": False})
+        beit3_config_from_original({**original, "subln": False})
     # torchscale's own default for a missing key (multiway=False), not this class's
     with pytest.raises(ValueError, match="multiway"):
-        Beit3VisionConfig.from_original({k: v for k, v in original.items() if k != "multiway"})
+        beit3_config_from_original({k: v for k, v in original.items() if k != "multiway"})
 
 
 def test_multiway_splits_on_the_token_axis():
