@@ -23,12 +23,9 @@ over from the source checkpoint (`DROPPED_ORIGINAL_PREFIXES` names them).
 
 from collections.abc import Mapping
 
-import torch
 from transformers.utils import logging
 
 from ..modeling.configuration_beit3 import Beit3VisionConfig
-from ..modeling.modeling_beit3 import Beit3VisionModel
-from .checkpoint import load_mapped_state_dict
 
 logger = logging.get_logger(__name__)
 
@@ -167,18 +164,3 @@ def original_beit3_key(key: str, prefix: str = BEIT3_PREFIX) -> str:
     moves = {ours: theirs for theirs, ours in MOVED_MODULES.items()}
     experts = {ours: theirs for theirs, ours in EXPERT_NAMES.items()}
     return prefix + _rename(key, moves, experts)
-
-
-def load_original_beit3(
-    model: Beit3VisionModel, state_dict: Mapping[str, torch.Tensor], prefix: str = BEIT3_PREFIX
-) -> None:
-    """Load the ``vpm.beit3.*`` tensors of an original VisCPM-Chat checkpoint into a `Beit3VisionModel`.
-
-    Raises `CheckpointMismatchError` (nothing copied) when keys are missing, unknown or mis-shaped.
-    """
-    load_mapped_state_dict(
-        model,
-        state_dict,
-        lambda key: beit3_key(key, prefix),
-        hint=f"expected the BEiT-3 weights under '{prefix}' with the dimensions of the config",
-    )

@@ -26,15 +26,13 @@ from ..modeling.processing_viscpm_chat import VisCPMChatProcessor
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 from .beit3 import BEIT3_PREFIX, beit3_config_from_original, beit3_key, original_beit3_key
 from .checkpoint import (
-    CPMBEE_PREFIX,
     CheckpointError,
-    cpmbee_config_from_state_dict,
-    cpmbee_key,
     layer_indices,
     map_state_dict,
     open_original_checkpoint,
     require_tensor,
 )
+from .cpmbee import CPMBEE_PREFIX, cpmbee_config_from_state_dict, cpmbee_key
 from .export import (
     CHAT_CARD,
     check_output,

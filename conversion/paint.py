@@ -25,12 +25,12 @@ from ..modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 from .checkpoint import (
     CheckpointError,
-    cpmbee_config_from_state_dict,
     layer_indices,
     map_state_dict,
     open_original_checkpoint,
     require_tensor,
 )
+from .cpmbee import cpmbee_config_from_state_dict
 from .export import (
     PAINT_CARD,
     check_output,

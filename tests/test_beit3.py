@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from original_checkpoints import load_original_beit3, read_original_checkpoint
 from safetensors.torch import load_file
 from torch import nn
 
@@ -17,10 +18,9 @@ from viscpm.conversion.beit3 import (
     DROPPED_ORIGINAL_PREFIXES,
     beit3_config_from_original,
     beit3_key,
-    load_original_beit3,
     original_beit3_key,
 )
-from viscpm.conversion.checkpoint import CheckpointMismatchError, read_original_checkpoint
+from viscpm.conversion.checkpoint import CheckpointMismatchError
 from viscpm.modeling.configuration_beit3 import Beit3VisionConfig
 from viscpm.modeling.modeling_beit3 import Beit3Multiway, Beit3VisionModel
 

@@ -5,15 +5,11 @@ import pickle
 
 import pytest
 import torch
+from original_checkpoints import load_original_cpmbee, read_original_checkpoint
 
 from viscpm import CpmBeeConfig, CpmBeeModel
-from viscpm.conversion.checkpoint import (
-    CheckpointError,
-    CheckpointMismatchError,
-    cpmbee_config_from_original,
-    load_original_cpmbee,
-    read_original_checkpoint,
-)
+from viscpm.conversion.checkpoint import CheckpointError, CheckpointMismatchError
+from viscpm.conversion.cpmbee import cpmbee_config_from_original
 
 TINY = dict(
     vocab_size=50,

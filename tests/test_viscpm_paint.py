@@ -18,12 +18,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_ddpm
+from original_checkpoints import read_original_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, golden_cases, load_json
 from tiny_models import TINY_UNET, tiny_pipeline
-from viscpm.conversion.checkpoint import CheckpointError, map_state_dict, read_original_checkpoint
+from viscpm.conversion.checkpoint import CheckpointError, map_state_dict
 from viscpm.conversion.paint import convert_paint, paint_config_from_checkpoint, paint_key
 from viscpm.modeling.configuration_viscpm_paint import VisCPMPaintConfig
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintModel, VisCPMPaintTextEncoder
