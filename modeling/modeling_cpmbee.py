@@ -913,9 +913,10 @@ class CpmBeeGenerationMixin(GenerationMixin):
             self._prefill_once_for_all_beams(model_kwargs, generation_config.num_beams)
         return super().generate(inputs, generation_config=generation_config, **model_kwargs)
 
-    # per-token structure tensors, and inputs that only the prompt's forward reads
+    # per-token structure tensors; and inputs that only the prompt's forward reads, which a model reading more than
+    # CPM-Bee's own inputs names (CPM-Bee has none)
     _PER_TOKEN_INPUTS = GENERATED_TOKEN_STRUCTURE.keys() | {"input_ids", "attention_mask"}
-    _PROMPT_ONLY_INPUTS = ("pixel_values", "vision_hidden_states", "image_bound")
+    _PROMPT_ONLY_INPUTS: tuple[str, ...] = ()
 
     @torch.no_grad()
     def _prefill_once_for_all_beams(self, model_kwargs: dict, num_beams: int) -> None:

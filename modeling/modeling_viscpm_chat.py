@@ -265,6 +265,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             vision_hidden_states=vision_hidden_states,
         )
 
+    # the image's inputs: its features enter the cache with the prompt, and no later step reads them
+    _PROMPT_ONLY_INPUTS = ("pixel_values", "vision_hidden_states", "image_bound")
+
     def prepare_inputs_for_generation(
         self, input_ids, inputs_embeds=None, answer_logits_processor=None, is_first_iteration=False, **kwargs
     ):
@@ -277,7 +280,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         )
         if not is_first_iteration and model_inputs.get("use_cache", True):
             # the image features live in the cache after the prompt's forward
-            for name in ("pixel_values", "vision_hidden_states", "image_bound"):
+            for name in self._PROMPT_ONLY_INPUTS:
                 model_inputs.pop(name, None)
         return model_inputs
 
