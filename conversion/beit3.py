@@ -48,7 +48,7 @@ EXPERT_NAMES = {"A": "image", "B": "text"}
 
 
 # torchscale EncoderConfig settings that change the forward pass, with the only values this port implements
-# (those of VisCPM-Chat's `beit3_large_patch16_224`). Anything else is refused by `from_original`.
+# (those of VisCPM-Chat's `beit3_large_patch16_224`). Anything else is refused by `beit3_config_from_original`.
 SUPPORTED_ORIGINAL_SETTINGS = {
     "multiway": True,  # two experts per module: image tokens (A) and text/query tokens (B)
     "subln": True,  # extra LayerNorm inside attention (before out_proj) and inside the FFN (before fc2)

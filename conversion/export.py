@@ -213,12 +213,12 @@ def render_model_card(card: Path, model_name: str, template: Path = MODEL_CARD_T
     """`model_card.md` with its `{{ name }}` placeholders filled from `card`'s sections and `model_name` (which the
     sections may use too: the repository id in the usage examples); an unknown or unfilled placeholder is an error."""
     text = template.read_text(encoding="utf-8")
+    # the name goes in last, so that it also fills the sections' own `{{ model_name }}`
     for name, value in {**model_card_sections(card), "model_name": model_name}.items():
         placeholder = "{{ " + name + " }}"
         if placeholder not in text:
             raise KeyError(f"model_card.md has no placeholder {placeholder}")
         text = text.replace(placeholder, value)
-    text = text.replace("{{ model_name }}", model_name)
     if "{{" in text:
         raise KeyError(f"model_card.md placeholder left unfilled: {text[text.index('{{') :].split('}}')[0]}}}}}")
     return text
