@@ -67,6 +67,46 @@ SUB_ID_DISTANCE_SCALE = 16  # rotation angle per sub-id step, in units of the ro
 ROTARY_BASE = 10000
 
 
+@dataclass(frozen=True)
+class CpmBeeStructureInput:
+    """How one of CPM-Bee's structure inputs is laid out and filled in.
+
+    per_token: a `(batch, total_length)` tensor covering the cached tokens too (like `attention_mask`); otherwise a
+        per-row table (`segment_rel`, the ext table).
+    flag: a boolean tensor.
+    plain_value: its value for a plain causal LM (one segment, every token an answer token), used where it is not
+        given; None: optional, absent by default.
+    generated_value: the value a generated token takes; `CONTINUES` for the last token's value; None where
+        generate() does not extend it (per-row tables, and `attention_mask`, which transformers extends).
+    """
+
+    per_token: bool
+    flag: bool = False
+    plain_value: int | None = None
+    generated_value: int | str | None = None
+
+
+CONTINUES = "continues"  # a generated token continues the last token's segment and sample
+
+# CPM-Bee's inputs beside `input_ids`: the one list of them, from which every other list and default derives.
+# A generated token is an answer token (context 0) whose sub-id comes from the ext table through its id (so 0).
+CPMBEE_STRUCTURE_INPUTS = {
+    "input_id_subs": CpmBeeStructureInput(per_token=True, plain_value=0, generated_value=0),
+    "attention_mask": CpmBeeStructureInput(per_token=True, flag=True, plain_value=1),
+    "context": CpmBeeStructureInput(per_token=True, flag=True, plain_value=0, generated_value=0),
+    "segment_ids": CpmBeeStructureInput(per_token=True, plain_value=0, generated_value=CONTINUES),
+    "num_segments": CpmBeeStructureInput(per_token=True, plain_value=1, generated_value=CONTINUES),
+    "segment_rel_offset": CpmBeeStructureInput(per_token=True, plain_value=0, generated_value=CONTINUES),
+    "sample_ids": CpmBeeStructureInput(per_token=True, plain_value=0, generated_value=CONTINUES),
+    "span": CpmBeeStructureInput(per_token=True, plain_value=0, generated_value=CONTINUES),
+    "segment_rel": CpmBeeStructureInput(per_token=False, plain_value=0),
+    "ext_table_ids": CpmBeeStructureInput(per_token=False),
+    "ext_table_sub": CpmBeeStructureInput(per_token=False),
+}
+CPMBEE_INPUT_NAMES = ("input_ids", *CPMBEE_STRUCTURE_INPUTS)
+CPMBEE_PER_TOKEN_INPUTS = ("input_ids", *(name for name, spec in CPMBEE_STRUCTURE_INPUTS.items() if spec.per_token))
+
+
 FEW_ROWS = 16  # up to this many rows a projection is computed as W @ x^T on CPU (see `project`)
 
 
@@ -455,8 +495,9 @@ class CpmBeePreTrainedModel(CpuFourBitLoadingMixin, PreTrainedModel):
 
 @dataclass
 class CpmBeeStructure:
-    """Per-token structure of the whole sequence (cached tokens included), with defaults filled in."""
+    """Structure of the whole sequence (cached tokens included), with the plain causal LM's defaults filled in."""
 
+    input_id_subs: torch.Tensor
     attention_mask: torch.Tensor
     context: torch.Tensor
     segment_ids: torch.Tensor
@@ -509,30 +550,21 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         return rotate_by_sub_ids(embeds, input_id_subs)
 
     def _structure(self, batch, total_length, device, **given) -> CpmBeeStructure:
-        defaults = {  # a plain causal LM: one segment, every token an answer token
-            "attention_mask": 1,
-            "context": 0,
-            "segment_ids": 0,
-            "num_segments": 1,
-            "segment_rel_offset": 0,
-            "sample_ids": 0,
-            "span": 0,
-        }
         filled = {}
-        for name, fill in defaults.items():
+        for name, spec in CPMBEE_STRUCTURE_INPUTS.items():
+            if spec.plain_value is None:
+                continue
             tensor = given[name]
+            shape = (batch, total_length) if spec.per_token else (batch, 1)
             if tensor is None:
-                tensor = torch.full((batch, total_length), fill, dtype=torch.long, device=device)
-            elif tensor.shape != (batch, total_length):
+                tensor = torch.full(shape, spec.plain_value, dtype=torch.long, device=device)
+            elif spec.per_token and tensor.shape != shape:
                 raise ValueError(
-                    f"`{name}` has shape {tuple(tensor.shape)}, expected ({batch}, {total_length}): per-token "
-                    "structure tensors describe the whole sequence, cached tokens included (like attention_mask)"
+                    f"`{name}` has shape {tuple(tensor.shape)}, expected {shape}: per-token structure tensors "
+                    "describe the whole sequence, cached tokens included (like attention_mask)"
                 )
-            filled[name] = tensor.long() if name != "context" and name != "attention_mask" else tensor.bool()
-        segment_rel = given["segment_rel"]
-        if segment_rel is None:
-            segment_rel = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        return CpmBeeStructure(segment_rel=segment_rel.long(), **filled)
+            filled[name] = tensor.bool() if spec.flag else tensor.long()
+        return CpmBeeStructure(**filled)
 
     def token_sides(
         self, structure: CpmBeeStructure, query_length: int, key_length: int
@@ -668,6 +700,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             batch,
             total_length,
             device,
+            input_id_subs=input_id_subs,
             attention_mask=attention_mask,
             context=context,
             segment_ids=segment_ids,
@@ -678,14 +711,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             segment_rel=segment_rel,
         )
         if inputs_embeds is None:
-            if input_id_subs is not None:
-                if input_id_subs.shape != (batch, total_length):
-                    raise ValueError(
-                        f"`input_id_subs` has shape {tuple(input_id_subs.shape)}, expected ({batch}, {total_length}):"
-                        " like the other structure tensors it covers the cached tokens too"
-                    )
-                input_id_subs = input_id_subs[:, past_length:]
-            inputs_embeds = self.embed_tokens(input_ids, input_id_subs, ext_table_ids, ext_table_sub)
+            inputs_embeds = self.embed_tokens(
+                input_ids, structure.input_id_subs[:, past_length:], ext_table_ids, ext_table_sub
+            )
 
         key_length = max(key_length, total_length)
         if self.config._attn_implementation == "flex_attention":
@@ -782,20 +810,6 @@ class CpmBeeAnswerLogitsProcessor(LogitsProcessor):
         return scores
 
 
-# Per-token structure that generate() carries across steps, and the value a generated token takes:
-# it continues the last token's segment and sample as an answer token (context 0) whose sub-id comes from
-# the ext table through its id (so 0 here).
-GENERATED_TOKEN_STRUCTURE = {
-    "input_id_subs": 0,
-    "context": 0,
-    "segment_ids": None,
-    "num_segments": None,
-    "segment_rel_offset": None,
-    "sample_ids": None,
-    "span": None,
-}
-
-
 class CpmBeeBeamCacheLayer(DynamicLayer):
     """A `DynamicLayer` for beam search that neither reallocates nor copies the whole cache per step.
 
@@ -871,7 +885,7 @@ class CpmBeeBeamCacheLayer(DynamicLayer):
 class CpmBeeGenerationMixin(GenerationMixin):
     """transformers' generate() for CPM-Bee inputs.
 
-    * Carries the per-token structure across steps (`GENERATED_TOKEN_STRUCTURE`).
+    * Carries the per-token structure across steps (`generated_value` in `CPMBEE_STRUCTURE_INPUTS`).
     * `repetition_penalty` and `temperature` (saved as `cpmbee_temperature` in a generation config, since
       transformers only accepts `temperature` with sampling) take the original's meaning: applied to the raw logits
       of the answer (the last segment) by [`CpmBeeAnswerLogitsProcessor`], together with the per-row
@@ -879,8 +893,7 @@ class CpmBeeGenerationMixin(GenerationMixin):
       log-probabilities in beam search) and temperature are switched off so that nothing is applied twice.
     """
 
-    def generate(self, inputs=None, generation_config=None, suppress_token_ids=None, ext_tables=None, **kwargs):
-        # `ext_tables` (decode tables a processor returns next to the model inputs) are for the tokenizer only
+    def generate(self, inputs=None, generation_config=None, suppress_token_ids=None, **kwargs):
         generation_config = copy.deepcopy(
             generation_config if generation_config is not None else self.generation_config
         )
@@ -913,10 +926,16 @@ class CpmBeeGenerationMixin(GenerationMixin):
             self._prefill_once_for_all_beams(model_kwargs, generation_config.num_beams)
         return super().generate(inputs, generation_config=generation_config, **model_kwargs)
 
-    # per-token structure tensors; and inputs that only the prompt's forward reads, which a model reading more than
-    # CPM-Bee's own inputs names (CPM-Bee has none)
-    _PER_TOKEN_INPUTS = GENERATED_TOKEN_STRUCTURE.keys() | {"input_ids", "attention_mask"}
+    # inputs that only the prompt's forward reads, which a model reading more than CPM-Bee's own inputs names
+    # (CPM-Bee has none)
     _PROMPT_ONLY_INPUTS: tuple[str, ...] = ()
+
+    def _validate_model_kwargs(self, model_kwargs: dict):
+        # transformers checks model kwargs against forward()'s named parameters, and the structure inputs reach
+        # forward() as keyword arguments
+        super()._validate_model_kwargs(
+            {name: value for name, value in model_kwargs.items() if name not in CPMBEE_STRUCTURE_INPUTS}
+        )
 
     @torch.no_grad()
     def _prefill_once_for_all_beams(self, model_kwargs: dict, num_beams: int) -> None:
@@ -932,7 +951,7 @@ class CpmBeeGenerationMixin(GenerationMixin):
         ):
             return
         prompt = {
-            name: value[:, :-1] if name in self._PER_TOKEN_INPUTS else value
+            name: value[:, :-1] if name in CPMBEE_PER_TOKEN_INPUTS else value
             for name, value in model_kwargs.items()
             if isinstance(value, torch.Tensor)
         }
@@ -998,14 +1017,14 @@ class CpmBeeGenerationMixin(GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        for name, fill in GENERATED_TOKEN_STRUCTURE.items():
+        for name, spec in CPMBEE_STRUCTURE_INPUTS.items():
             tensor = model_kwargs.get(name)
-            if tensor is None:
+            if tensor is None or spec.generated_value is None:
                 continue
-            if fill is None:
+            if spec.generated_value == CONTINUES:
                 new_columns = tensor[:, -1:].expand(-1, num_new_tokens)
             else:
-                new_columns = tensor.new_full((tensor.shape[0], num_new_tokens), fill)
+                new_columns = tensor.new_full((tensor.shape[0], num_new_tokens), spec.generated_value)
             model_kwargs[name] = torch.cat([tensor, new_columns], dim=-1)
         return model_kwargs
 
@@ -1050,17 +1069,6 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        span: torch.LongTensor | None = None,
-        ext_table_ids: torch.LongTensor | None = None,
-        ext_table_sub: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
@@ -1071,7 +1079,8 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
-        See [`CpmBeeModel.forward`] for the structure arguments.
+        The structure inputs (`attention_mask`, `context`, `segment_ids`, ... : the keys of
+        `CPMBEE_STRUCTURE_INPUTS`) are keyword arguments passed on to [`CpmBeeModel.forward`], which documents them.
 
         labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
             Target of every position, ALREADY aligned with the logits (`labels[:, i]` is what position `i` must
@@ -1082,28 +1091,19 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
         logits_transform (`Callable`, *optional*):
             Applied to the raw logits of the last position; generate() passes CPM-Bee's decode-time processing here.
         """
+        structure = {name: kwargs.get(name) for name in CPMBEE_STRUCTURE_INPUTS}
         outputs = self.model(
             input_ids=input_ids,
-            input_id_subs=input_id_subs,
-            attention_mask=attention_mask,
-            context=context,
-            segment_ids=segment_ids,
-            num_segments=num_segments,
-            segment_rel_offset=segment_rel_offset,
-            segment_rel=segment_rel,
-            sample_ids=sample_ids,
-            span=span,
-            ext_table_ids=ext_table_ids,
-            ext_table_sub=ext_table_sub,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **structure,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.compute_logits(hidden_states, ext_table_ids, ext_table_sub)
+        logits = self.compute_logits(hidden_states, structure["ext_table_ids"], structure["ext_table_sub"])
         if logits_transform is not None:
             logits = torch.cat([logits[:, :-1], logits_transform(logits[:, -1])[:, None]], dim=1)
 

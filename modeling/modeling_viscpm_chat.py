@@ -121,7 +121,6 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
     def generate(self, *args, **kwargs):
         if self.config.pivot_is_cpmbee:
             return super().generate(*args, **kwargs)
-        kwargs.pop("ext_tables", None)  # for CPM-Bee's decoder only
         return GenerationMixin.generate(self, *args, **kwargs)
 
     def _update_finished_beams(self, **kwargs):
@@ -165,17 +164,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         pixel_values: torch.FloatTensor | None = None,
         vision_hidden_states: torch.FloatTensor | None = None,
         image_bound: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        span: torch.LongTensor | None = None,
-        ext_table_ids: torch.LongTensor | None = None,
-        ext_table_sub: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
@@ -194,7 +183,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         image_bound (`torch.LongTensor` of shape `(batch, 1, 2)`):
             `[start, end)` of each row's image placeholder tokens, in the positions of `input_ids`.
 
-        The other arguments are those of [`CpmBeeForCausalLM.forward`] for the CPM-Bee pivot; another pivot takes
+        The other arguments, CPM-Bee's structure inputs among them (keyword arguments), are those of
+        [`CpmBeeForCausalLM.forward`] for the CPM-Bee pivot; another pivot takes
         `input_ids`, `attention_mask`, `inputs_embeds`, `cache`, `labels`, `use_cache`, `output_hidden_states` and
         `logits_to_keep` (its position ids follow the attention mask: prompts are padded on the left).
         """
@@ -205,8 +195,11 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             if image_bound is None:
                 raise ValueError("image features need `image_bound`, the positions of the image placeholder tokens")
             if self.config.pivot_is_cpmbee:
+                input_id_subs = kwargs.get("input_id_subs")
                 query_subs = None if input_id_subs is None else input_id_subs[:, -query_length:]
-                inputs_embeds = self.llm.model.embed_tokens(input_ids, query_subs, ext_table_ids, ext_table_sub)
+                inputs_embeds = self.llm.model.embed_tokens(
+                    input_ids, query_subs, kwargs.get("ext_table_ids"), kwargs.get("ext_table_sub")
+                )
             else:
                 inputs_embeds = self.llm.get_input_embeddings()(input_ids)
             # image_bound counts from the start of the whole sequence; these embeddings are its last tokens
@@ -216,8 +209,6 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             )
             input_ids = None
 
-        # the Trainer's count of the labelled tokens of the optimizer step: the loss is normalised by it
-        num_items_in_batch = kwargs.get("num_items_in_batch")
         if not self.config.pivot_is_cpmbee:  # transformers' causal LM arguments
             position_ids = None
             if attention_mask is not None:
@@ -232,22 +223,13 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
                 use_cache=use_cache,
                 output_hidden_states=output_hidden_states,
                 logits_to_keep=logits_to_keep,
-                num_items_in_batch=num_items_in_batch,
+                # the Trainer's count of the labelled tokens of the optimizer step: the loss is normalised by it
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
         else:
             outputs = self.llm(
                 input_ids=input_ids,
-                input_id_subs=input_id_subs,
                 attention_mask=attention_mask,
-                context=context,
-                segment_ids=segment_ids,
-                num_segments=num_segments,
-                segment_rel_offset=segment_rel_offset,
-                segment_rel=segment_rel,
-                sample_ids=sample_ids,
-                span=span,
-                ext_table_ids=ext_table_ids,
-                ext_table_sub=ext_table_sub,
                 inputs_embeds=inputs_embeds,
                 cache=cache,
                 labels=labels,
@@ -255,7 +237,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
                 output_hidden_states=output_hidden_states,
                 logits_to_keep=logits_to_keep,
                 logits_transform=logits_transform,
-                num_items_in_batch=num_items_in_batch,
+                **kwargs,
             )
         return VisCPMChatOutput(
             loss=outputs.loss,
@@ -313,11 +295,10 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
             vision_hidden_states = self.get_image_features(inputs.pop("pixel_values").to(self.device))
         else:
             inputs = processor(text=questions, context=contexts, return_tensors="pt")
-        ext_tables = inputs.pop("ext_tables")
         inputs = inputs.to(self.device)
         sequences = self.generate(**inputs, vision_hidden_states=vision_hidden_states, **generate_kwargs)
         generated = sequences[:, inputs["input_ids"].shape[1] :]
-        answers = processor.decode_answers(generated, ext_tables)
+        answers = processor.decode_answers(generated, inputs.ext_tables)
         new_contexts = [
             f"{previous}User: {asked}\nAI: {answer}\n" for previous, asked, answer in zip(contexts, questions, answers)
         ]

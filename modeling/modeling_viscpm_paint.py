@@ -25,23 +25,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_viscpm_paint import VisCPMPaintConfig, VisCPMPaintTextEncoderConfig
-from .modeling_cpmbee import CpmBeeModel, CpuFourBitLoadingMixin
-
-# The per-token structure CPM-Bee reads (see `CpmBeeModel.forward`); a collated batch holds more (labels, length).
-CPMBEE_INPUT_NAMES = (
-    "input_ids",
-    "input_id_subs",
-    "attention_mask",
-    "context",
-    "segment_ids",
-    "num_segments",
-    "segment_rel_offset",
-    "segment_rel",
-    "sample_ids",
-    "span",
-    "ext_table_ids",
-    "ext_table_sub",
-)
+from .modeling_cpmbee import CPMBEE_INPUT_NAMES, CpmBeeModel, CpuFourBitLoadingMixin
 
 
 class VisCPMPaintBridge(nn.Module):

@@ -63,7 +63,8 @@ class VisCPMChatProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
-        """Model inputs for the questions in `text` (one per image), and `ext_tables` for `decode_answers`.
+        """Model inputs for the questions in `text` (one per image); their attribute `ext_tables` (the decode table
+        of each row: ids of CPM-Bee's out-of-vocabulary strings to their text) is for `decode_answers`.
 
         Without `images` no `pixel_values` are returned: pass the features of an earlier turn as
         `vision_hidden_states` to the model instead.
@@ -94,8 +95,8 @@ class VisCPMChatProcessor(ProcessorMixin):
                 raise ValueError(f"got {len(images)} images but {len(questions)} questions: one question per image")
             data["pixel_values"] = self.image_processor(images, return_tensors="pt", **kwargs)["pixel_values"]
         features = BatchFeature(data=data, tensor_type=return_tensors)
-        # decode tables (id -> text of out-of-vocabulary strings), per row: plain data, not a tensor
-        features["ext_tables"] = ext_tables
+        # what decoding needs beside the model inputs, kept out of them so that `model.generate(**features)` works
+        features.ext_tables = ext_tables
         return features
 
     # ------------------------------------------------------------------------------------------- another pivot

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .configuration_cpmbee import CROSS_SAMPLE_BUCKET
+from .modeling_cpmbee import CPMBEE_PER_TOKEN_INPUTS
 from .tokenization_cpmbee import CpmBeeTokenizer, is_special_token_text
 
 ANSWER_KEY = "<ans>"
@@ -475,15 +476,9 @@ class CpmBeeCollator:
     the samples have them.
     """
 
-    per_token_keys = (
-        "input_ids",
-        "input_id_subs",
-        "context",
-        "segment_ids",
-        "segment_rel_offset",
-        "sample_ids",
-        "num_segments",
-    )
+    # what a sample carries: every per-token input but those the collator builds itself (`attention_mask` from the
+    # lengths, `span`: one sample per row)
+    per_token_keys = tuple(name for name in CPMBEE_PER_TOKEN_INPUTS if name not in ("attention_mask", "span"))
 
     def __init__(self, tokenizer: CpmBeeTokenizer, max_length: int):
         self.tokenizer = tokenizer

@@ -79,7 +79,6 @@ def test_a_context_not_in_chats_format_is_refused_by_a_chat_template():
 def test_the_image_features_replace_the_placeholder_embeddings(pivot):
     _, model, processor = pivot
     inputs = processor(images=[tiny_image(1)], text=["what is it ?"])
-    inputs.pop("ext_tables")
     with torch.no_grad():
         logits = model(**inputs).logits
         features = model.get_image_features(inputs["pixel_values"])
@@ -96,7 +95,6 @@ def test_the_image_features_replace_the_placeholder_embeddings(pivot):
 def generated_logits(model, processor, images, questions, **kwargs) -> torch.Tensor:
     """The logits of 5 greedy steps, (batch, steps, vocab)."""
     inputs = processor(images=images, text=questions)
-    inputs.pop("ext_tables")
     out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, **kwargs)  # fmt: skip
     return torch.stack(out.logits, dim=1)
@@ -206,7 +204,6 @@ def test_lora_adapts_the_pivot_only_and_merges(tmp_path, quantization):
     assert falls(summary["losses"]), summary["losses"]
     processor = AutoProcessor.from_pretrained(folder)
     inputs = processor(images=[colour_image("red")], text=["what is it ?"])
-    inputs.pop("ext_tables")
     with torch.no_grad():
         adapted_logits = PeftModel.from_pretrained(AutoModel.from_pretrained(folder), summary["saved"])(**inputs).logits
     assert main(["merge-lora", str(summary["saved"]), "--output", str(tmp_path / "merged")]) == 0

@@ -1,5 +1,6 @@
 """CPM-Bee on tiny random configs, in the manner of transformers' own model tests."""
 
+import inspect
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 from transformers.cache_utils import DynamicLayer
 
 from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
-from viscpm.modeling.modeling_cpmbee import FEW_ROWS, CpmBeeBeamCacheLayer, project
+from viscpm.modeling.modeling_cpmbee import CPMBEE_STRUCTURE_INPUTS, FEW_ROWS, CpmBeeBeamCacheLayer, project
 
 VOCAB = 97
 
@@ -135,6 +136,22 @@ def test_incremental_decoding_equals_full_forward():
             ).logits
         )
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_structure_table_lists_what_the_model_reads():
+    parameters = set(inspect.signature(CpmBeeModel.forward).parameters)
+    not_structure = {"self", "input_ids", "inputs_embeds", "cache", "use_cache", "output_hidden_states", "kwargs"}
+    assert parameters - not_structure == set(CPMBEE_STRUCTURE_INPUTS)
+
+
+def test_structure_inputs_pass_through_the_head_and_generate_still_rejects_typos():
+    model = tiny_model()
+    inputs = structured_prompt()
+    logits = model(**inputs).logits
+    hidden = model.model(**inputs).last_hidden_state
+    torch.testing.assert_close(logits, model.compute_logits(hidden, inputs["ext_table_ids"], inputs["ext_table_sub"]))
+    with pytest.raises(ValueError, match="contxt"):
+        model.generate(inputs["input_ids"], contxt=inputs["context"], max_new_tokens=1)
 
 
 def test_structure_tensors_must_cover_cached_tokens():

@@ -29,7 +29,6 @@ def image(golden_dir):
 def prompt(converted, image):
     processor = AutoProcessor.from_pretrained(converted)
     inputs = processor(images=[image], text=["What is in the image?"])
-    inputs.pop("ext_tables")
     return inputs
 
 

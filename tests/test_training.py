@@ -344,7 +344,6 @@ def test_lora_adapter_saves_reloads_and_merges(tmp_path, quantization):
 
     _, processor = tiny_chat(tmp_path)
     inputs = processor(images=[colour_image("red")], text=["what ?"])
-    inputs.pop("ext_tables")
     base = AutoModel.from_pretrained(folder).eval()
     base_logits = base(**inputs).logits
     with torch.no_grad():

@@ -205,7 +205,6 @@ def test_save_and_reload_chat_model_and_processor(tmp_path):
     reloaded = AutoModel.from_pretrained(tmp_path / "saved").eval()
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path / "saved")
     inputs = processor(images=[tiny_image(0)], text=["what ?"])
-    inputs.pop("ext_tables")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     assert reloaded_processor.query_num == 4 and reloaded_processor.image_processor.size["height"] == 32
@@ -235,6 +234,15 @@ def test_batched_generation_equals_one_at_a_time(tmp_path):
     assert batched[1] == [context for _, context, _ in alone]
 
 
+def test_processor_output_generates_as_is_and_decodes_with_its_tables(tmp_path):
+    model, processor = tiny_chat(tmp_path, seed=3)
+    inputs = processor(images=[tiny_image(2)], text=["a b c a b c ?"])
+    assert "ext_tables" not in inputs  # decode state travels beside the model inputs, not among them
+    sequences = model.generate(**inputs, num_beams=1, max_new_tokens=5)
+    answers = processor.decode_answers(sequences[:, inputs["input_ids"].shape[1] :], inputs.ext_tables)
+    assert answers == [model.chat(tiny_image(2), "a b c a b c ?", processor, num_beams=1, max_new_tokens=5)[0]]
+
+
 def test_streaming_answer_through_text_iterator_streamer(tmp_path):
     model, processor = tiny_chat(tmp_path, seed=6)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
@@ -254,7 +262,6 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not an image|cannot identify|image"):
         processor(images=[tmp_path / "vocab.txt"], text=["what ?"])
     inputs = processor(images=[tiny_image(0)], text=["what ?"])
-    inputs.pop("ext_tables")
     inputs["pixel_values"] = torch.zeros(1, 3, 64, 64)  # a processor of another size
     with pytest.raises(ValueError, match="64"):
         model(**inputs)
@@ -291,7 +298,6 @@ def test_per_sub_model_attention_equals_eager(tmp_path):
     assert mixed.vpm.config._attn_implementation == "sdpa"
     assert mixed.llm.model.config._attn_implementation == "flex_attention"
     inputs = processor(images=[tiny_image(0)], text=["what ?"])
-    inputs.pop("ext_tables")
     torch.testing.assert_close(mixed(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 

@@ -491,8 +491,8 @@ class VisCPMService:
             inputs = self.processor(text=questions, context=contexts)
             for row, length in cancelled.stopped_at.items():
                 token_ids[row] = token_ids[row][: length - inputs["input_ids"].shape[1]]
-                (answers[row],) = self.processor.decode_answers(torch.tensor([token_ids[row]]),
-                                                                [inputs["ext_tables"][row]])  # fmt: skip
+                answer_ids = torch.tensor([token_ids[row]])
+                (answers[row],) = self.processor.decode_answers(answer_ids, [inputs.ext_tables[row]])
         eos = self.processor.tokenizer.eos_token_id
         choices = [(answer, "stop" if ids and ids[-1] == eos else "length", len(ids))
                    for answer, ids in zip(answers, token_ids)]  # fmt: skip

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from ..modeling.modeling_viscpm_paint import CPMBEE_INPUT_NAMES
+from ..modeling.modeling_cpmbee import CPMBEE_INPUT_NAMES
 from ..modeling.structured_cpmbee import CpmBeeCollator
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
