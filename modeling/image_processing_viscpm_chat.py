@@ -54,7 +54,14 @@ class InvalidImageError(ValueError):
 
 
 class ImageTooLargeError(InvalidImageError):
-    """An image with more pixels than the configured limit (a possible decompression bomb)."""
+    """An image with more pixels than the configured limit (a possible decompression bomb).
+
+    `pixels` is its number of pixels (None where PIL refused it before telling), `limit` the limit it broke.
+    """
+
+    def __init__(self, message: str, pixels: int | None, limit: int | None):
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
 
 
 def check_image_pixels(width: int, height: int, max_image_pixels: int | None, name: str = "the image") -> None:
@@ -67,7 +74,9 @@ def check_image_pixels(width: int, height: int, max_image_pixels: int | None, na
             f"{name} is {width}x{height} = {pixels} pixels, over the limit of max_image_pixels={max_image_pixels} "
             "(a guard against decompression bombs). If the image is trusted, raise the limit: "
             "VisCPMChatImageProcessor(max_image_pixels=...) or processor(images, max_image_pixels=...), or "
-            "load_image(source, max_image_pixels=...); pass None to disable the check."
+            "load_image(source, max_image_pixels=...); pass None to disable the check.",
+            pixels,
+            max_image_pixels,
         )
 
 
@@ -105,12 +114,16 @@ def _decode(fp: Any, name: str, max_image_pixels: int | None, close: bool = True
                 f"{name} is {size}, over the limit of max_image_pixels={max_image_pixels} (a guard against "
                 "decompression bombs). If the image is trusted, raise the limit: "
                 "VisCPMChatImageProcessor(max_image_pixels=...) or load_image(source, max_image_pixels=...), "
-                f"and PIL's own hard limit too (PIL: {err})."
+                f"and PIL's own hard limit too (PIL: {err}).",
+                pixels,
+                max_image_pixels,
             ) from err
         raise ImageTooLargeError(
             f"{name} is {pixels} pixels: within max_image_pixels={max_image_pixels}, but over PIL's own hard limit "
             f"of 2 * PIL.Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS} pixels, which PIL enforces while "
-            "opening the file. If the image is trusted, also raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None)."
+            "opening the file. If the image is trusted, also raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None).",
+            pixels,
+            2 * Image.MAX_IMAGE_PIXELS,
         ) from err
     except UnidentifiedImageError as err:
         raise InvalidImageError(
@@ -149,7 +162,9 @@ def _to_rgb(image: Image.Image, name: str, copy: bool) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(
             f"{name} has a frame or tile over PIL's hard pixel limit ({err}). If the image is trusted, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None)."
+            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None).",
+            None,
+            2 * Image.MAX_IMAGE_PIXELS,
         ) from err
     except (OSError, SyntaxError, EOFError) as err:
         # PIL reports truncated or corrupt data as OSError ("image file is truncated", "broken data stream")

@@ -29,10 +29,20 @@ from viscpm.serving.server import Cancelled, Job, Limits, VisCPMService, serving
 openai = pytest.importorskip("openai")
 
 
-def data_url(image: Image.Image) -> str:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def data_url(image: Image.Image | bytes) -> str:
+    data = image if isinstance(image, bytes) else png_bytes(image)
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_message(data: bytes) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(data)}},
+                                         {"type": "text", "text": "what ?"}]}]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +144,11 @@ def test_models_and_health(server, client):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "what ?"}]}, 400, "no image"),
         ("/v1/chat/completions", {"messages": question(image=Image.effect_noise((300, 300), 60).convert("RGB"))},
          413, "more than the 50000"),
+        # 5000 x 5000 one-bit pixels compress to a few kB: over the pixel limit, within the byte limit
+        ("/v1/chat/completions", {"messages": image_message(png_bytes(Image.new("1", (5000, 5000))))}, 413,
+         f"25000000 pixels, more than the {Limits.max_image_pixels}"),
+        ("/v1/chat/completions", {"messages": image_message(png_bytes(tiny_image(3))[:60])}, 400, "not an image"),
+        ("/v1/chat/completions", {"messages": image_message(b"GIF89a not really")}, 400, "not an image"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, {"type": "text", "text": "a"}]}]},
          400, "data URL"),

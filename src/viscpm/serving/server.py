@@ -49,6 +49,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import budgets
+from ..modeling.image_processing_viscpm_chat import ImageTooLargeError, InvalidImageError
 
 logger = logging.getLogger("viscpm.serve")
 DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
@@ -370,28 +371,31 @@ class VisCPMService:
     # ---------------------------------------------------------------------------------------------------- chat
 
     def decode_image(self, url: str) -> PIL.Image.Image:
+        """The image of a data URL, decoded by the image processor's `load_image` under this server's pixel limit."""
         match = DATA_URL.match(url)
         if match is None:
-            raise RequestError("image_url must be a data URL (data:image/png;base64,...); the server downloads "
-                               "nothing", param="messages", code="invalid_image_url")  # fmt: skip
+            raise RequestError(
+                "image_url must be a data URL (data:image/png;base64,...); the server downloads nothing",
+                param="messages",
+                code="invalid_image_url",
+            )
         try:
             data = base64.b64decode(match["data"], validate=True)
         except (binascii.Error, ValueError):
             raise RequestError("image_url holds invalid base64", param="messages", code="invalid_image") from None
+        too_large = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
         if len(data) > self.limits.max_image_bytes:
-            raise RequestError(f"the image is {len(data)} bytes, more than the {self.limits.max_image_bytes} "
-                               "this server accepts", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "messages",
-                               "image_too_large")  # fmt: skip
+            message = f"the image is {len(data)} bytes, more than the {self.limits.max_image_bytes} this server accepts"
+            raise RequestError(message, too_large, "messages", "image_too_large")
         try:
-            image = PIL.Image.open(io.BytesIO(data))
-            if image.width * image.height > self.limits.max_image_pixels:
-                raise RequestError(f"the image is {image.width}x{image.height} pixels, more than "
-                                   f"{self.limits.max_image_pixels}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   "messages", "image_too_large")  # fmt: skip
-            return image.convert("RGB")
-        except (OSError, PIL.Image.DecompressionBombError):
-            raise RequestError("image_url is not an image PIL can read", param="messages",
-                               code="invalid_image") from None  # fmt: skip
+            return self.processor.image_processor.load_image(data, max_image_pixels=self.limits.max_image_pixels)
+        except ImageTooLargeError as error:
+            size = f"{error.pixels} pixels" if error.pixels is not None else "more pixels than PIL decodes"
+            message = f"the image has {size}, more than the {self.limits.max_image_pixels} this server accepts"
+            raise RequestError(message, too_large, "messages", "image_too_large") from None
+        except InvalidImageError:
+            message = "image_url is not an image PIL can read (or is truncated or corrupt)"
+            raise RequestError(message, param="messages", code="invalid_image") from None
 
     def parse_conversation(self, messages: list[Message]) -> tuple[PIL.Image.Image, str, str]:
         """The image, the conversation so far as VisCPM-Chat's context, and the last question."""

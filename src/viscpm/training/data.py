@@ -36,6 +36,7 @@ import datasets
 import PIL.Image
 import torch
 
+from ..modeling.image_processing_viscpm_chat import ImageTooLargeError, InvalidImageError, load_image
 from ..modeling.structured_cpmbee import CpmBeeCollator, encode_structured
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
@@ -210,10 +211,12 @@ def image_bytes(value: Any, image_root: str | None) -> bytes:
 
 
 def open_image(data: bytes) -> PIL.Image.Image:
+    """A record's image, decoded as the processor decodes images (the same pixel limit), or the record is skipped."""
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        return image.convert("RGB")
-    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        return load_image(data)
+    except ImageTooLargeError:
+        raise SkippedRecord("image over the pixel limit") from None
+    except InvalidImageError:
         raise SkippedRecord("unreadable image") from None
 
 
