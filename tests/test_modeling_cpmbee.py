@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tiny_models import tiny_cpmbee_config
 from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
 from viscpm.modeling.modeling_cpmbee import CPMBEE_STRUCTURE_INPUTS, FEW_ROWS, CpmBeeBeamCacheLayer, project
 
@@ -16,19 +17,7 @@ VOCAB = 97
 
 
 def tiny_config(**overrides) -> CpmBeeConfig:
-    values = dict(
-        vocab_size=VOCAB,
-        dim_model=32,
-        num_heads=4,
-        dim_head=8,
-        dim_ff=48,
-        num_layers=2,
-        position_bias_num_buckets=32,
-        position_bias_num_segment_buckets=32,
-        position_bias_max_distance=64,
-    )
-    values.update(overrides)
-    return CpmBeeConfig(**values)
+    return tiny_cpmbee_config(VOCAB, **overrides)
 
 
 def tiny_model(seed=0, **overrides) -> CpmBeeForCausalLM:

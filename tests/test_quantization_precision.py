@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig
 
-from viscpm import CpmBeeConfig
+from tiny_models import tiny_cpmbee_config
 from viscpm.modeling.modeling_cpmbee import BNB_4BIT_BLOCKSIZE, BNB_CPU_4BIT_OUTPUT_BLOCK, CpmBeeFeedForward
 
 bnb = pytest.importorskip("bitsandbytes")  # the `quant` extra; CI installs it
@@ -112,7 +112,7 @@ def test_half_precision_inference_is_finite_and_close(converted, prompt, referen
 def test_feed_forward_output_stays_inside_fp16_range():
     """The output projection scales its input by 1/sqrt(dim_ff) BEFORE the matmul, as the original does: with
     activations whose dim_ff-wide dot products exceed fp16's 65504, scaling after the matmul would give inf."""
-    config = CpmBeeConfig(dim_model=8, dim_ff=4096, num_heads=1, dim_head=8, num_layers=1)
+    config = tiny_cpmbee_config(40, dim_model=8, dim_ff=4096, num_heads=1, dim_head=8, num_layers=1)
     ffn = CpmBeeFeedForward(config).eval()
     with torch.no_grad():
         ffn.w_out.weight.fill_(1.0)
@@ -136,7 +136,7 @@ def test_nf4_on_cpu_keeps_only_the_layers_the_kernel_cannot_take_unquantized(tmp
     from viscpm import CpmBeeForCausalLM
 
     torch.manual_seed(0)
-    config = CpmBeeConfig(vocab_size=40, dim_model=64, num_heads=2, dim_head=32, dim_ff=72, num_layers=2)
+    config = tiny_cpmbee_config(40, dim_model=64, dim_head=32, dim_ff=72)
     CpmBeeForCausalLM(config).save_pretrained(tmp_path / "full")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     with caplog.at_level(logging.WARNING):

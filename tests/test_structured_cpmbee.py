@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_tensor_equal, golden_cases, json_array, load_json
+from tiny_models import tiny_vocab, write_vocab
 from viscpm.modeling.structured_cpmbee import (
     CpmBeeCollator,
     build_generation_batch,
@@ -17,10 +18,7 @@ from viscpm.modeling.structured_cpmbee import (
 from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 # A cut-down vocabulary: the id of a token is its index in this list.
-TINY_VOCAB = [
-    "<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>",
-    "<", ">", "a", "b", "c", "q", "x", "y", "image",
-]  # fmt: skip
+TINY_VOCAB = tiny_vocab("<", ">", "a", "b", "c", "q", "x", "y", "image")
 ID = {token: index for index, token in enumerate(TINY_VOCAB)}
 BOS, EOS, UNK, ANS, ROOT = ID["<s>"], ID["</s>"], ID["<unk>"], ID["<ans>"], ID["<root>"]
 IGNORED = -100
@@ -30,9 +28,7 @@ PER_TOKEN_ARRAYS = ("input_ids", "input_id_subs", "context", "segment_ids")
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
-    vocab_file = tmp_path_factory.mktemp("vocab") / "tiny.txt"
-    vocab_file.write_text("\n".join(TINY_VOCAB), encoding="utf-8", newline="")
-    return CpmBeeTokenizer(vocab_file=str(vocab_file))
+    return CpmBeeTokenizer(vocab_file=str(write_vocab(tmp_path_factory.mktemp("vocab"), TINY_VOCAB)))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from tiny_models import TINY_VISION, tiny_pipeline
+from tiny_models import tiny_chat_with, tiny_pipeline, tiny_vocab, write_vocab
 
 pytestmark = pytest.mark.slow  # subprocesses: about 20 s per launch on 2 cores
 
@@ -49,10 +49,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), 
 
 def covering_vocab(texts: list[str]) -> list[str]:
     """CPM-Bee's special tokens and the structure keys, then every character of `texts`: no ext-table entries."""
-    from viscpm.experiments.mpm_mini import SPECIAL_TOKENS, STRUCTURE_WORDS
+    from viscpm.experiments.mpm_mini import STRUCTURE_WORDS
 
-    characters = sorted(set("".join(texts)) - set(" \n<>"))
-    return [*SPECIAL_TOKENS, *STRUCTURE_WORDS, *characters]
+    return tiny_vocab(*STRUCTURE_WORDS, *sorted(set("".join(texts)) - set(" \n<>")))
 
 
 def captions(folder: Path, texts: list[str]) -> Path:
@@ -73,30 +72,16 @@ def workspace(tmp_path_factory) -> Path:
     and DeepSpeed's CPU communication op built once (two processes building it at once can abort)."""
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-    from viscpm.modeling.configuration_beit3 import Beit3VisionConfig
-    from viscpm.modeling.configuration_cpmbee import CpmBeeConfig
-    from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig
-    from viscpm.modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
-    from viscpm.modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
-    from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
     from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
     from viscpm.training.data import CAPTION_PROMPTS_EN, CAPTION_PROMPTS_ZH
 
     ShareMemCommBuilder().load()
     root = tmp_path_factory.mktemp("distributed")
     chat_captions = ["a red one", "green", "blue and black", "红色"]
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(covering_vocab([*CAPTION_PROMPTS_EN, *CAPTION_PROMPTS_ZH, *chat_captions])), "utf-8")
+    vocab = write_vocab(root, covering_vocab([*CAPTION_PROMPTS_EN, *CAPTION_PROMPTS_ZH, *chat_captions]))
     torch.manual_seed(0)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
-    text = CpmBeeConfig(vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64,
-                        num_layers=2, position_bias_num_buckets=32, position_bias_num_segment_buckets=32,
-                        position_bias_max_distance=64)  # fmt: skip
-    config = VisCPMChatConfig(vision_config=Beit3VisionConfig(**TINY_VISION), text_config=text, query_num=4,
-                              max_prompt_length=80)  # fmt: skip
-    processor = VisCPMChatProcessor(VisCPMChatImageProcessor(size={"height": 32, "width": 32}), tokenizer,
-                                    query_num=4, max_prompt_length=80)  # fmt: skip
-    VisCPMChatForConditionalGeneration(config).save_pretrained(root / "chat")
+    model, processor = tiny_chat_with(CpmBeeTokenizer(vocab_file=str(vocab)))
+    model.save_pretrained(root / "chat")
     processor.save_pretrained(root / "chat")
     captions(root / "chat-data", chat_captions)
     tiny_pipeline(root).save_pretrained(root / "paint")

@@ -1,4 +1,4 @@
-"""Tiny random VisCPM-Chat and VisCPM-Paint models, shared by the test files (as transformers' model testers)."""
+"""Tiny random models, configs and vocabularies, shared by the test files (as transformers' model testers)."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
 
 from viscpm import Beit3VisionConfig, CpmBeeConfig, VisCPMChatConfig, VisCPMChatForConditionalGeneration
+from viscpm.experiments.mpm_mini import CHATML, SPECIAL_TOKENS
 from viscpm.modeling.configuration_viscpm_paint import VisCPMPaintConfig
 from viscpm.modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintModel, VisCPMPaintTextEncoder
@@ -15,41 +16,77 @@ from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
 from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 
-def tiny_chat_vocab_file(tmp_path: Path) -> Path:
-    tokens = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
-    tokens += ["image", "context", "question", "User", "AI", ":", "a", "b", "c", "?", "what", "<", ">"]
-    path = tmp_path / "vocab.txt"
+def tiny_vocab(*words: str) -> list[str]:
+    """CPM-Bee's special tokens, then `words`: a token's id is its index."""
+    return [*SPECIAL_TOKENS, *words]
+
+
+def write_vocab(folder: Path, tokens: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "vocab.txt"
     path.write_text("\n".join(tokens), encoding="utf-8")
     return path
 
 
-TINY_VISION = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, image_size=32,
-                   patch_size=16, max_source_positions=16)  # fmt: skip
+def tiny_tokenizer(folder: Path, *words: str) -> CpmBeeTokenizer:
+    return CpmBeeTokenizer(vocab_file=str(write_vocab(folder, tiny_vocab(*words))))
+
+
+CHAT_WORDS = ("image", "context", "question", "User", "AI", ":", "a", "b", "c", "?", "what", "<", ">")
+PAINT_WORDS = ("caption", "objects", "a", "b", "c", "red", "cat", "dog", "<", ">")
+
+
+def tiny_cpmbee_config(vocab_size: int, **overrides) -> CpmBeeConfig:
+    values = dict(
+        vocab_size=vocab_size,
+        dim_model=32,
+        num_heads=2,
+        dim_head=16,
+        dim_ff=64,
+        num_layers=2,
+        position_bias_num_buckets=32,
+        position_bias_num_segment_buckets=32,
+        position_bias_max_distance=64,
+    )
+    return CpmBeeConfig(**(values | overrides))
+
+
+TINY_VISION = dict(
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    image_size=32,
+    patch_size=16,
+    max_source_positions=16,
+)
+CHAT_QUERY_NUM = 4
+CHAT_MAX_PROMPT_LENGTH = 80
+
+
+def tiny_chat_with(tokenizer: CpmBeeTokenizer):
+    """A random tiny VisCPM-Chat over `tokenizer`'s vocabulary, and its processor."""
+    config = VisCPMChatConfig(
+        vision_config=Beit3VisionConfig(**TINY_VISION),
+        text_config=tiny_cpmbee_config(tokenizer.vocab_size),
+        query_num=CHAT_QUERY_NUM,
+        max_prompt_length=CHAT_MAX_PROMPT_LENGTH,
+    )
+    model = VisCPMChatForConditionalGeneration(config).eval()
+    image_processor = VisCPMChatImageProcessor(size={"height": 32, "width": 32})
+    processor = VisCPMChatProcessor(
+        image_processor, tokenizer, query_num=CHAT_QUERY_NUM, max_prompt_length=CHAT_MAX_PROMPT_LENGTH
+    )
+    return model, processor
 
 
 def tiny_chat(tmp_path: Path, seed: int = 0):
     torch.manual_seed(seed)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_chat_vocab_file(tmp_path)))
-    config = VisCPMChatConfig(
-        vision_config=Beit3VisionConfig(**TINY_VISION),
-        text_config=CpmBeeConfig(
-            vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
-            position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
-        ),
-        query_num=4,
-        max_prompt_length=80,
-    )  # fmt: skip
-    model = VisCPMChatForConditionalGeneration(config).eval()
-    image_processor = VisCPMChatImageProcessor(size={"height": 32, "width": 32})
-    processor = VisCPMChatProcessor(image_processor, tokenizer, query_num=4, max_prompt_length=80)
-    return model, processor
+    return tiny_chat_with(tiny_tokenizer(tmp_path, *CHAT_WORDS))
 
 
 PIVOT_WORDS = ["user", "assistant", "system", "User", "AI", ":", "?", ".", "what", "is", "it", "a", "b", "c", "red",
                "green", "blue", "black", "circle", "and", "now"]  # fmt: skip
-# the template of Qwen2's kind (ChatML); the Llama kind is tested without one (the processor's plain-text prompt)
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 
 
 def tiny_pivot_tokenizer(kind: str):
@@ -96,14 +133,6 @@ def tiny_image(seed: int) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-def tiny_paint_vocab_file(tmp_path: Path) -> Path:
-    tokens = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
-    tokens += ["caption", "objects", "a", "b", "c", "red", "cat", "dog", "<", ">"]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(tokens), encoding="utf-8")
-    return path
-
-
 TINY_UNET = {
     "sample_size": 4,
     "block_out_channels": [32, 32],
@@ -118,15 +147,10 @@ TINY_UNET = {
 
 def tiny_pipeline(tmp_path: Path, with_vae: bool = True, seed: int = 0) -> VisCPMPaintPipeline:
     torch.manual_seed(seed)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(tiny_paint_vocab_file(tmp_path)))
+    tokenizer = tiny_tokenizer(tmp_path, *PAINT_WORDS)
     config = VisCPMPaintConfig(
-        text_config=CpmBeeConfig(
-            vocab_size=tokenizer.vocab_size, dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=2,
-            position_bias_num_buckets=32, position_bias_num_segment_buckets=32, position_bias_max_distance=64,
-        ),
-        unet_config=TINY_UNET,
-        max_prompt_length=40,
-    )  # fmt: skip
+        text_config=tiny_cpmbee_config(tokenizer.vocab_size), unet_config=TINY_UNET, max_prompt_length=40
+    )
     model = VisCPMPaintModel(config).eval()
     text_encoder = VisCPMPaintTextEncoder(config).eval()
     text_encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("unet.")})
