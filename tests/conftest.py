@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+# fixtures and helpers shared by the test files of one subject
+pytest_plugins = ["cli_support", "paint_support", "serving_support"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OWN_GOLDEN = REPO_ROOT / "tests" / "fixtures"
 SHARED = REPO_ROOT.parent / "shared"
@@ -100,6 +103,13 @@ def golden_vocab_file(golden_dir) -> Path:
     return golden_dir / "vocab" / "bee.txt"
 
 
+def only_checkpoint(folder: Path) -> Path:
+    """The one original checkpoint (``*.pt``) of a golden folder's model folder."""
+    checkpoints = sorted(folder.glob("*.pt"))
+    assert len(checkpoints) == 1, f"expected one original checkpoint (*.pt) in {folder}, found {checkpoints}"
+    return checkpoints[0]
+
+
 def load_json(path: Path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -129,9 +139,13 @@ def converted_golden_chat(golden_dir, tmp_path_factory) -> Path:
     """The golden original VisCPM-Chat checkpoint through the conversion users run (read-only for tests)."""
     from viscpm.conversion.chat import convert_chat
 
-    (checkpoint,) = sorted((golden_dir / "chat").glob("*.pt"))
     output = tmp_path_factory.mktemp("golden-chat") / "converted"
-    convert_chat(checkpoint, golden_dir / "vocab" / "bee.txt", output, config=golden_dir / "chat" / "config.json")
+    convert_chat(
+        only_checkpoint(golden_dir / "chat"),
+        golden_dir / "vocab" / "bee.txt",
+        output,
+        config=golden_dir / "chat" / "config.json",
+    )
     return output
 
 

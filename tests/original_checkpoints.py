@@ -1,13 +1,16 @@
 """Loading original checkpoints straight into the models, key by key: the tests' reference path, beside the converters
 (which write a Hub folder instead)."""
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from viscpm.conversion.beit3 import BEIT3_PREFIX, beit3_key
+from conftest import load_json, only_checkpoint
+from viscpm.conversion.beit3 import BEIT3_PREFIX, beit3_config_from_original, beit3_key
 from viscpm.conversion.checkpoint import map_state_dict, open_original_checkpoint
 from viscpm.conversion.cpmbee import CPMBEE_PREFIX, cpmbee_key
 from viscpm.modeling.modeling_beit3 import Beit3VisionModel
@@ -56,3 +59,26 @@ def load_original_beit3(
         lambda key: beit3_key(key, prefix),
         hint=f"expected the BEiT-3 weights under '{prefix}' with the dimensions of the config",
     )
+
+
+@functools.cache
+def read_golden_chat(golden_dir: Path) -> dict:
+    """A golden folder's original VisCPM-Chat: its config, checkpoint, vision outputs and pixel values."""
+    folder = golden_dir / "chat"
+    return dict(
+        config=load_json(folder / "config.json"),
+        checkpoint=read_original_checkpoint(only_checkpoint(folder)),
+        vision=load_file(folder / "vision.safetensors"),
+        pixel_values=load_file(folder / "image_transform.safetensors")["pixel_values"],
+    )
+
+
+def golden_vision_tower(golden_dir: Path, attn_implementation: str) -> Beit3VisionModel:
+    """The golden folder's original BEiT-3 tower, loaded key by key."""
+    golden_chat = read_golden_chat(golden_dir)
+    config = beit3_config_from_original(golden_chat["config"]["beit3"]["encoder_config"])
+    config._attn_implementation = attn_implementation
+    model = Beit3VisionModel(config).eval()
+    assert model.config._attn_implementation == attn_implementation
+    load_original_beit3(model, golden_chat["checkpoint"])
+    return model

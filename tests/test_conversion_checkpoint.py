@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 import torch
-from original_checkpoints import load_original_cpmbee, read_original_checkpoint
 
+from original_checkpoints import load_original_cpmbee, read_original_checkpoint
 from tiny_models import tiny_cpmbee_config
 from viscpm import CpmBeeModel
 from viscpm.conversion.checkpoint import CheckpointError, CheckpointMismatchError

@@ -145,7 +145,6 @@ def test_model_card_sections_fill_the_template_and_refuse_strays(tmp_path):
 def test_written_weights_are_verified(golden_chat, tmp_path):
     """A tensor changed after writing is caught by the verification."""
     from original_checkpoints import read_original_checkpoint
-
     from viscpm.conversion.chat import chat_key
 
     output = convert_chat(**golden_chat, output=tmp_path / "tampered", verify=False)

@@ -1,15 +1,24 @@
 """Tiny random models, configs and vocabularies, shared by the test files (as transformers' model testers)."""
 
+import io
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
+from torch import nn
 
-from viscpm import Beit3VisionConfig, CpmBeeConfig, VisCPMChatConfig, VisCPMChatForConditionalGeneration
+from viscpm import (
+    Beit3VisionConfig,
+    CpmBeeConfig,
+    CpmBeeForCausalLM,
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+)
 from viscpm.experiments.mpm_mini import CHATML, SPECIAL_TOKENS
 from viscpm.modeling.configuration_viscpm_paint import VisCPMPaintConfig
 from viscpm.modeling.image_processing_viscpm_chat import VisCPMChatImageProcessor
+from viscpm.modeling.modeling_beit3 import Beit3VisionModel
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintModel, VisCPMPaintTextEncoder
 from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
@@ -51,6 +60,45 @@ def tiny_cpmbee_config(vocab_size: int, **overrides) -> CpmBeeConfig:
     return CpmBeeConfig(**(values | overrides))
 
 
+TINY_VOCAB_SIZE = 97  # a vocabulary without a tokenizer: CPM-Bee on random ids
+
+
+def tiny_causal_lm(seed=0, **overrides) -> CpmBeeForCausalLM:
+    torch.manual_seed(seed)
+    return CpmBeeForCausalLM(tiny_cpmbee_config(TINY_VOCAB_SIZE, **overrides)).eval()
+
+
+def structured_prompt(prompt_lengths=(4, 5), answer_length=3, ext_size=2, seed=0) -> dict:
+    """One sample of three segments: two context segments, then an answer segment (context 0).
+
+    The segment relations are random buckets (0 on the diagonal: same segment); the answer holds one ext-table id.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    lengths = list(prompt_lengths) + [answer_length]
+    total = sum(lengths)
+    segment_ids = torch.cat([torch.full((n,), index) for index, n in enumerate(lengths)])
+    num_segments = len(lengths)
+    relation = torch.randint(2, 30, (num_segments, num_segments), generator=generator)
+    relation.fill_diagonal_(0)
+    input_ids = torch.randint(0, TINY_VOCAB_SIZE, (total,), generator=generator)
+    input_ids[-1] = TINY_VOCAB_SIZE + ext_size - 1  # an ext-table token
+    return dict(
+        input_ids=input_ids[None],
+        input_id_subs=torch.randint(0, 3, (1, total), generator=generator),
+        context=(segment_ids < len(prompt_lengths))[None].long(),
+        segment_ids=segment_ids[None],
+        num_segments=torch.full((1, total), num_segments),
+        segment_rel_offset=torch.zeros(1, total, dtype=torch.long),
+        sample_ids=torch.zeros(1, total, dtype=torch.long),
+        segment_rel=relation.flatten()[None],
+        ext_table_ids=torch.randint(0, TINY_VOCAB_SIZE, (1, ext_size), generator=generator),
+        ext_table_sub=torch.randint(1, 4, (1, ext_size), generator=generator),
+    )
+
+
+STRUCTURED_PER_TOKEN = ("input_id_subs", "context", "segment_ids", "num_segments", "segment_rel_offset", "sample_ids")
+
+
 TINY_VISION = dict(
     hidden_size=32,
     num_attention_heads=2,
@@ -60,6 +108,24 @@ TINY_VISION = dict(
     patch_size=16,
     max_source_positions=16,
 )
+
+
+def tiny_vision_tower(attn_implementation="eager", seed=0, **overrides) -> Beit3VisionModel:
+    """A tiny tower with every parameter random (LayerNorm weights and biases too), so no expert is an identity."""
+    config = Beit3VisionConfig(**{**TINY_VISION, **overrides})
+    config._attn_implementation = attn_implementation
+    model = Beit3VisionModel(config).eval()
+    assert model.config._attn_implementation == attn_implementation
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.add_(1.0)
+    return model
+
+
 CHAT_QUERY_NUM = 4
 CHAT_MAX_PROMPT_LENGTH = 80
 
@@ -125,6 +191,12 @@ def tiny_pivot_chat(kind: str, seed: int = 0):
     model = VisCPMChatForConditionalGeneration(config).eval()
     processor = VisCPMChatProcessor(VisCPMChatImageProcessor(size={"height": 32, "width": 32}), tokenizer, query_num=4)
     return model, processor
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def tiny_image(seed: int) -> Image.Image:

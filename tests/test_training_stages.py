@@ -1,251 +1,27 @@
-"""MpM training: data preparation (golden items, batch and loss), every stage on tiny models, LoRA, resume."""
+"""`viscpm train`: every stage on tiny models (what trains and what stays frozen), LoRA and QLoRA adapters, Paint's
+token dropout, config errors, and a killed run that resumes where it stopped.
+"""
 
-import io
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
-from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-from conftest import REPO_ROOT, chat_as_remote_code, load_json
+from conftest import REPO_ROOT, chat_as_remote_code
 from tiny_models import tiny_chat, tiny_pipeline
+from training_support import caption_source, chat_config, colour_image, falls, state, write_config
 from viscpm.cli import main
-from viscpm.training.data import (
-    DataReport,
-    ImageTextCollator,
-    SamplePreparer,
-    SourceSpec,
-    StructuredSamples,
-    caption_prompts,
-    conversation_prompts,
-    load_records,
-    prepare_source,
-    training_sample,
-)
 from viscpm.training.run import ConfigError, latest_complete_checkpoint, load_config, train
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "black": (0, 0, 0)}
-
-
-# ---------------------------------------------------------------- golden: records -> items -> batch -> loss
-
-
-def golden_image_paths(golden_dir: Path) -> list[Path]:
-    return sorted((golden_dir / "chat" / "images").iterdir())
-
-
-def golden_items(processor, max_length: int, record: dict) -> list[dict]:
-    """Our item builder on one of the fixture's raw records (the original's `CPMBeeImageTextBuilder.build_item`)."""
-    tokenizer = processor.tokenizer
-    if record["source"] == "caption":
-        rng = random.Random(record["python_random_seed"])  # the original ran `random.seed(seed)` before it
-        prompts = caption_prompts(record["TEXT"], rng, processor.query_num, tokenizer)
-    else:
-        prompts = conversation_prompts(record["TEXT"], processor)
-    return [training_sample(tokenizer, prompt, max_length) for prompt in prompts]
-
-
-@pytest.mark.golden
-def test_items_from_raw_records_equal_the_original_item_builder(converted_golden_chat, golden_dir):
-    """Every record's first item (all the original's training Dataset used) exactly, and one item per round.
-
-    Later rounds differ on purpose: the original builder's context holds the previous and the current question and
-    never an answer (it never mattered there, as only the first round was trained); ours is the context `chat()` builds
-    at inference (test_later_rounds_carry_the_context_chat_builds)."""
-    processor = AutoProcessor.from_pretrained(converted_golden_chat)
-    max_length = load_json(golden_dir / "tokenizer" / "collated_batch.json")["max_len"]
-    records = load_json(golden_dir / "chat" / "train_items.json")["items"]
-    assert records
-    for record in records:
-        ours = golden_items(processor, max_length, record)
-        assert len(ours) == record["n_items_returned"] == len(record["items"])
-        for key, value in ours[0].items():
-            assert np.array_equal(np.asarray(value).reshape(-1), np.asarray(record["items"][0][key]).reshape(-1)), key
-
-
-def test_later_rounds_carry_the_context_chat_builds(tmp_path):
-    """Round 2 of a conversation is trained on the prompt `chat()` sends for the second turn, plus the answer."""
-    _, processor = tiny_chat(tmp_path)
-    conversation = [
-        {"from": "human", "value": "<image>\nwhat ?"},
-        {"from": "gpt", "value": "a b"},
-        {"from": "human", "value": "c ?"},
-        {"from": "gpt", "value": "a"},
-    ]
-    prompts = conversation_prompts(conversation, processor)
-    inference = processor.build_prompt("c ?", context="User: what ?\nAI: a b\n")
-    assert prompts[1] == {**inference, "<ans>": "a"}
-
-
-@pytest.mark.golden
-def test_golden_training_batch_and_loss_from_raw_records(converted_golden_chat, golden_dir):
-    """Raw records and image files -> our items -> our collator (pixels included) -> our model: the original's batch
-    and loss (the original's training Dataset keeps the first item of each record)."""
-    processor = AutoProcessor.from_pretrained(converted_golden_chat)
-    model = AutoModel.from_pretrained(converted_golden_chat, dtype=torch.float32).eval()
-    max_length = load_json(golden_dir / "tokenizer" / "collated_batch.json")["max_len"]
-    images = golden_image_paths(golden_dir)
-    rows = []
-    for record in load_json(golden_dir / "chat" / "train_items.json")["items"]:
-        item = golden_items(processor, max_length, record)[0]
-        rows.append(item | {"image": images[record["image_index"]].read_bytes()})
-
-    def pixels(image):
-        return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-
-    batch = ImageTextCollator(processor.tokenizer, max_length, pixels)(rows)
-    golden = load_file(golden_dir / "chat" / "train_batch.safetensors")
-    for name, expected in golden.items():
-        if not name.startswith("batch.") or name == "batch.pixel_values":
-            continue
-        key = {"target": "labels"}.get(name[len("batch.") :], name[len("batch.") :])
-        actual = batch[key][0] if key in ("ext_table_ids", "ext_table_sub") else batch[key]
-        assert torch.equal(actual.long(), expected.long()), name
-    torch.testing.assert_close(batch["pixel_values"], golden["batch.pixel_values"], rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        loss = model(**batch).loss
-    torch.testing.assert_close(loss, golden["loss"], rtol=1e-4, atol=1e-5)
-
-
-# ---------------------------------------------------------------- data preparation
-
-
-def colour_image(name: str, size: int = 40) -> Image.Image:
-    return Image.new("RGB", (size, size), COLOURS[name])
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def caption_source(folder: Path, copies: int = 2, malformed: bool = True) -> Path:
-    """A jsonl of image paths and captions; with `malformed`, one record of each kind that must be skipped."""
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for name in COLOURS:
-        colour_image(name).save(folder / f"{name}.png")
-        records += [{"image": f"{name}.png", "caption": f"a {name}"}] * copies
-    if malformed:
-        (folder / "broken.png").write_bytes(b"not a png")
-        colour_image("red", size=8).save(folder / "small.png")
-        records += [
-            {"image": "missing.png", "caption": "a red"},
-            {"image": "broken.png", "caption": "a red"},
-            {"image": "small.png", "caption": "a red"},
-            {"image": "red.png", "caption": ""},
-            {"image": "red.png", "caption": "a " * 200},
-        ]
-    path = folder / "captions.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return path
-
-
-def conversation_source(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    colour_image("red").save(folder / "red.png")
-    good = [
-        {"from": "human", "value": "<image>\nwhat ?"},
-        {"from": "gpt", "value": "a red"},
-        {"from": "human", "value": "a b ?"},
-        {"from": "gpt", "value": "c"},
-    ]
-    records = [
-        {"image": "red.png", "conversations": good},
-        {"image": "red.png", "conversations": good[:3]},  # odd number of turns
-        {"image": "red.png", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
-    ]
-    path = folder / "llava.json"
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
-
-
-def test_malformed_records_are_skipped_and_counted(tmp_path):
-    _, processor = tiny_chat(tmp_path)
-    from viscpm.training.data import ChatPrompts
-
-    spec = SourceSpec(path=str(caption_source(tmp_path / "data")), image_root=str(tmp_path / "data"))
-    report = DataReport()
-    preparer = SamplePreparer(spec, StructuredSamples(processor.tokenizer, 64), ChatPrompts("caption", processor), 16)
-    kept = prepare_source(preparer, load_records(spec), report)
-    assert len(kept) == 8 and report.records["captions"] == 13 and report.samples["captions"] == 8
-    assert report.skipped["captions"] == {
-        "missing image": 1,
-        "unreadable image": 1,
-        "image smaller than min_image_size=16": 1,
-        "empty caption": 1,
-        "over max_length=64 tokens": 1,
-    }
-    assert "missing image (records [8]" in report.summary()
-
-
-def test_conversations_give_one_sample_per_round_and_skip_malformed_ones(tmp_path):
-    _, processor = tiny_chat(tmp_path)
-    from viscpm.training.data import ChatPrompts
-
-    spec = SourceSpec(path=str(conversation_source(tmp_path / "data")), kind="conversation",
-                      image_root=str(tmp_path / "data"))  # fmt: skip
-    report = DataReport()
-    preparer = SamplePreparer(spec, StructuredSamples(processor.tokenizer, 80), ChatPrompts("conversation", processor))
-    kept = prepare_source(preparer, load_records(spec), report)
-    assert len(kept) == 2  # two rounds of the one good conversation
-    assert sum(report.skipped["llava"].values()) == 2
-    first, second = kept["input_ids"]
-    # the second round carries the first as context: its prompt is the first's plus "User: ...\nAI: ...\n"
-    assert len(second) > len(first) and set(report.skipped["llava"]) == {
-        "malformed conversation (expected alternating human / gpt turns)"
-    }
-
-
-def test_webdataset_shards_and_mixing_by_weight(tmp_path):
-    _, processor = tiny_chat(tmp_path)
-    from viscpm.training.data import ChatPrompts, build_training_data
-
-    shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for index, name in enumerate(["red", "blue"] * 10):
-            for suffix, payload in (("png", png_bytes(colour_image(name))), ("txt", f"a {name}".encode())):
-                info = tarfile.TarInfo(f"{index:04d}.{suffix}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    captions = caption_source(tmp_path / "data", copies=1, malformed=False)
-    parquet = tmp_path / "bytes.parquet"  # images as bytes in the file
-    datasets.Dataset.from_dict(
-        {"picture": [png_bytes(colour_image("green"))] * 2, "text": ["a green", "a green<cap_sep>green"]}
-    ).to_parquet(parquet)
-    specs = [
-        SourceSpec(path=str(shard), weight=3.0),
-        SourceSpec(path=str(captions), image_root=str(tmp_path / "data"), weight=1.0),
-        SourceSpec(path=str(parquet), image_column="picture", text_column="text", weight=0.5),
-    ]
-    mixed, report = build_training_data(
-        specs, StructuredSamples(processor.tokenizer, 64), lambda spec: ChatPrompts(spec.kind, processor)
-    )
-    assert report.samples == {"shard-000": 20, "captions": 4, "bytes": 2}
-    # "all_exhausted" oversamples the smaller sources until every one is seen whole, drawing in a 3 : 1 : 0.5 ratio
-    assert len(mixed) >= 26
-
-
 # ---------------------------------------------------------------- stages on tiny models
-
-
-def write_config(path: Path, **entries) -> Path:
-    path.write_text(yaml.safe_dump(entries), encoding="utf-8")
-    return path
 
 
 def chat_folder(tmp_path: Path) -> Path:
@@ -254,35 +30,6 @@ def chat_folder(tmp_path: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def chat_config(tmp_path: Path, model: Path, output: str, steps: int = 8, **extra) -> dict:
-    data = caption_source(tmp_path / "data", malformed=False)
-    training = {
-        "max_steps": steps,
-        "learning_rate": 1e-2,
-        "per_device_train_batch_size": 8,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "lr_scheduler_type": "constant",
-        **extra.pop("training", {}),
-    }
-    return {
-        "model": str(model),
-        "output_dir": str(tmp_path / output),
-        "data": {"sources": [{"path": str(data), "image_root": str(tmp_path / "data")}], "max_length": 64},
-        "training": training,
-        **extra,
-    }
-
-
-def state(model) -> dict:
-    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-
-
-def falls(losses: list[float]) -> bool:
-    """Every step sees the whole tiny set (batch 8), so the curve is smooth: the last steps are 10% below the first."""
-    return np.mean(losses[-2:]) < 0.9 * losses[0]
 
 
 def assert_answers_alike_as_remote_code(folder: Path, tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from original_checkpoints import load_original_cpmbee, read_original_checkpoint
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from conftest import golden_cases, load_json
+from original_checkpoints import load_original_cpmbee, read_original_checkpoint
 from viscpm.conversion.cpmbee import cpmbee_config_from_original
 from viscpm.modeling.modeling_cpmbee import CpmBeeForCausalLM
 from viscpm.modeling.structured_cpmbee import CpmBeeCollator, build_generation_batch, encode_structured

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import chat_config, colour_image, falls, png_bytes, state, write_config
 from transformers import AutoConfig, AutoModel, AutoProcessor, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from conftest import chat_as_remote_code
-from tiny_models import tiny_image, tiny_pivot_chat
+from tiny_models import png_bytes, tiny_image, tiny_pivot_chat
+from training_support import chat_config, colour_image, falls, state, write_config
 from viscpm.cli import main
 from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig
 from viscpm.modeling.processing_viscpm_chat import IMAGE_MARKER

@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig
 
 from tiny_models import tiny_cpmbee_config
 from viscpm.modeling.modeling_cpmbee import BNB_4BIT_BLOCKSIZE, BNB_CPU_4BIT_OUTPUT_BLOCK, CpmBeeFeedForward
+from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
 
 bnb = pytest.importorskip("bitsandbytes")  # the `quant` extra; CI installs it
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -158,3 +159,20 @@ def test_nf4_on_cpu_keeps_only_the_layers_the_kernel_cannot_take_unquantized(tmp
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids).logits, logits)
+
+
+@pytest.mark.golden
+@torch.no_grad()
+def test_text_encoder_in_8_bit(converted_paint, paint_pipeline):
+    """The 10B text encoder is what needs quantizing on one GPU; the UNet stays in full/half precision."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    quantized = VisCPMPaintTextEncoder.from_pretrained(
+        converted_paint, subfolder="text_encoder", quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    assert any(type(module).__name__ == "Linear8bitLt" for module in quantized.modules())
+    inputs = paint_pipeline.prepare_text_inputs(["a red circle"])
+    full = paint_pipeline.text_encoder.encode_prompt(**inputs).encoder_hidden_states
+    eight_bit = quantized.encode_prompt(**inputs).encoder_hidden_states
+    assert torch.nn.functional.cosine_similarity(full.flatten(), eight_bit.float().flatten(), dim=0) > 0.99
