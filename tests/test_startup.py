@@ -59,6 +59,19 @@ def test_import_viscpm_is_light_and_still_registers_the_auto_classes():
 
 
 @pytest.mark.slow
+def test_auto_classes_learn_viscpm_after_a_library_asked_whether_transformers_is_installed():
+    # diffusers, accelerate and peft look transformers up (importlib.util.find_spec) before anything imports it
+    result = python(
+        "import importlib.util\n"
+        "import viscpm\n"
+        "assert importlib.util.find_spec('transformers') is not None\n"
+        "from transformers import AutoProcessor\n"
+        "print(type(AutoProcessor.from_pretrained(viscpm.defaults.CHAT)).__name__)"
+    )
+    assert result.stdout.strip() == "VisCPMChatProcessor", result.stderr
+
+
+@pytest.mark.slow
 def test_auto_classes_learn_viscpm_when_transformers_came_first():
     result = python(
         "from transformers import AutoConfig\n"

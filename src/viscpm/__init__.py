@@ -112,18 +112,30 @@ def register_auto_classes() -> None:
 
 
 class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):
-    """Runs `register_auto_classes()` right after the first `import transformers` of the process completes."""
+    """Runs `register_auto_classes()` right after the first `import transformers` of the process completes.
+
+    It stays installed until that import runs: libraries look transformers up without importing it
+    (`importlib.util.find_spec`, as diffusers, accelerate and peft check what is installed), and such a lookup's spec
+    is never executed.
+    """
+
+    looking_up = False  # this finder's own lookup of the real spec asks the finders again
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or self.looking_up:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self.looking_up = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.looking_up = False
         if spec is not None and spec.loader is not None:
             execute = spec.loader.exec_module
 
             def execute_then_register(module):
                 execute(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 register_auto_classes()
 
             spec.loader.exec_module = execute_then_register
