@@ -50,7 +50,7 @@ def converted_chat(converted_golden_chat) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generate_cases(golden_dir) -> list[dict]:
+def chat_generate_cases(golden_dir) -> list[dict]:
     return load_json(golden_dir / "chat" / "generate_beam.json")
 
 
@@ -66,18 +66,18 @@ def _settings_except_length(case) -> dict:
 
 
 @pytest.fixture(scope="module")
-def default_cases(generate_cases, chat_defaults) -> list[dict]:
+def default_cases(chat_generate_cases, chat_defaults) -> list[dict]:
     """Golden generations with the chat defaults (only max_length differs)."""
-    cases = [case for case in generate_cases if _settings_except_length(case) == chat_defaults]
+    cases = [case for case in chat_generate_cases if _settings_except_length(case) == chat_defaults]
     assert cases, f"no case of chat/generate_beam.json uses the chat defaults {chat_defaults}"
     return cases
 
 
 @pytest.fixture(scope="module")
-def greedy_cases(generate_cases, chat_defaults) -> list[dict]:
+def greedy_cases(chat_generate_cases, chat_defaults) -> list[dict]:
     """Golden generations with the chat defaults but one beam."""
     greedy = {**chat_defaults, "beam_size": 1}
-    return [case for case in generate_cases if _settings_except_length(case) == greedy]
+    return [case for case in chat_generate_cases if _settings_except_length(case) == greedy]
 
 
 def chat_argv(model, golden_dir, case) -> list[str]:

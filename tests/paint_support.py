@@ -55,3 +55,7 @@ def viscpmpaint_generate_settings(golden_dir: Path) -> tuple[str, int]:
     prompt_index = int(re.search(r"generate\(paint_prompts\[(\d+)\]", entry).group(1))
     seed = int(re.search(r"manual_seed\((\d+)\)", entry).group(1))
     return load_json(golden_dir / "paint" / "text_hidden.json")["prompts"][prompt_index], seed
+
+
+def paint_generate_cases(golden_dir: Path) -> list[dict]:
+    return load_json(golden_dir / "paint" / "generate.json")

@@ -30,6 +30,13 @@ def test_usage_errors_exit_2(capsys):
     assert code == 0 and "convert" in out and "chat" in out
 
 
+@pytest.mark.parametrize(
+    "argv", [["train", "chat-sft", "--config", "\0"], ["chat", "--image", "a\0.png", "--question", "q"]]
+)
+def test_a_nul_character_in_an_argument_is_one_error_line(capsys, argv):
+    assert_one_error_line(*run_cli(capsys, *argv), "NUL character")
+
+
 def test_only_a_missing_module_is_reported_as_a_missing_extra():
     with pytest.raises(CommandError, match=r"training needs the train extra \(peft is missing\): pip install"):
         with needs_extra("training", "train"):

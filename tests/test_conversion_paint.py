@@ -12,10 +12,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from cli_support import generate_cases
 from conftest import load_json
 from original_checkpoints import read_original_checkpoint
-from paint_support import only_checkpoint
+from paint_support import only_checkpoint, paint_generate_cases
 from viscpm.conversion.checkpoint import CheckpointError
 from viscpm.conversion.paint import convert_paint
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
@@ -60,7 +59,7 @@ def test_converted_folder_layout(converted_paint, paint_pipeline, golden_dir):
 def test_remote_code_folder_loads_without_viscpm(converted_paint, paint_pipeline, golden_dir, tmp_path):
     """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a fresh process that never imports viscpm
     gives the same image."""
-    (case, *_) = generate_cases(golden_dir)
+    (case, *_) = paint_generate_cases(golden_dir)
     script = f"""
 import sys, numpy, torch
 from diffusers import DiffusionPipeline

@@ -47,7 +47,9 @@ def test_golden_vision_tower_parity(golden_dir, attn_implementation):
     )
 
 
-NUM_QUERIES = 3
+# 5 image tokens + 4 queries: torch's own compiled FlexAttention returns NaN or wrong values on some CPUs for
+# sequences of 8, 24, 40, ... tokens (measured: AMD EPYC, torch 2.13; docs/viscpm-chat.md), whatever the model
+NUM_QUERIES = 4
 
 
 def tiny_inputs(batch=2, seed=1):

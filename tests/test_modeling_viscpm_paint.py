@@ -19,14 +19,16 @@ from safetensors.torch import load_file
 
 from conftest import golden_cases, load_json
 from original_checkpoints import read_original_checkpoint
-from paint_support import assert_close, assert_uint8_close, only_checkpoint, viscpmpaint_generate_settings
+from paint_support import (
+    assert_close,
+    assert_uint8_close,
+    only_checkpoint,
+    paint_generate_cases,
+    viscpmpaint_generate_settings,
+)
 from viscpm.conversion.checkpoint import map_state_dict
 from viscpm.conversion.paint import paint_config_from_checkpoint, paint_key
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintModel
-
-
-def generate_cases(folder: Path) -> list[dict]:
-    return load_json(folder / "paint" / "generate.json")
 
 
 def text_cases(folder: Path) -> list[dict]:
@@ -122,7 +124,7 @@ class StepRecorder:
 
 
 @pytest.mark.golden
-@golden_cases("case", generate_cases, ids=lambda case: case["key"])
+@golden_cases("case", paint_generate_cases, ids=lambda case: case["key"])
 def test_generation_equals_the_original_step_by_step(paint_pipeline, golden_dir, monkeypatch, case):
     """The original's CFG loop with the fixture's initial latents and generator: every step, then the image and PNG."""
     fixture = load_file(golden_dir / "paint" / "generate.safetensors")

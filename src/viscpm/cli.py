@@ -828,6 +828,10 @@ def _one_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line on `argv` (default: `sys.argv[1:]`) and returns the exit status."""
     parser = build_parser()
+    if argv is not None and any("\0" in str(arg) for arg in argv):
+        # a shell cannot pass one, a caller of main() can: no path or text the commands take may hold it
+        print(f"{PROG}: error: an argument holds a NUL character, which no path or text may contain", file=sys.stderr)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors: argparse has printed them
