@@ -681,8 +681,10 @@ def main() -> None:
     size = VISION["image_size"]
     pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32, sdpa; vocab {vocab}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"fp32, sdpa; vocab {vocab}"
+    )
     gate = QuietGate(args.max_wait)
     gate.wait()
     load_before, bandwidth_before = matmul_gflops(), copy_bandwidth()

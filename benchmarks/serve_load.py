@@ -126,8 +126,10 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     if args.endpoint == "chat":
-        content = [{"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
-                   {"type": "text", "text": args.question}]  # fmt: skip
+        content = [
+            {"type": "image_url", "image_url": {"url": image_data_url(args.image)}},
+            {"type": "text", "text": args.question},
+        ]
         request = {"max_tokens": args.max_tokens, "temperature": 0, "messages": [{"role": "user", "content": content}]}
         names = [name.strip() for name in args.models.split(",")]
         unit = "tokens/s"
@@ -135,10 +137,14 @@ def main() -> int:
         request, names, unit = {"prompt": args.prompt, "n": 1}, ["toy"], "images/s"
     payload = json.dumps(request, ensure_ascii=False).encode()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.endpoint}: {json.dumps(request)[:80]}"
-          f"...; each client sends {args.rounds} requests back to back")  # fmt: skip
-    print(f"| model | clients | {unit} one at a time | {unit} batched | ratio | p50 one at a time (s) | p50 batched "
-          "(s) | p50 batched / lone |")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.endpoint}: {json.dumps(request)[:80]}"
+        f"...; each client sends {args.rounds} requests back to back"
+    )
+    print(
+        f"| model | clients | {unit} one at a time | {unit} batched | ratio | p50 one at a time (s) | p50 batched "
+        "(s) | p50 batched / lone |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     failed = 0
     with tempfile.TemporaryDirectory(prefix="viscpm-serve-load-") as workdir:
@@ -159,9 +165,12 @@ def main() -> int:
             for clients in CLIENTS:
                 one, batched = measured["one", clients], measured["batched", clients]
                 failed += one["failed"] + batched["failed"]
-                print(f"| {name} | {clients} | {one['work_per_s']:.1f} | {batched['work_per_s']:.1f} | "
-                      f"{batched['work_per_s'] / one['work_per_s']:.1f}x | {one['p50_s']:.2f} | "
-                      f"{batched['p50_s']:.2f} | {batched['p50_s'] / lone:.2f}x |", flush=True)  # fmt: skip
+                print(
+                    f"| {name} | {clients} | {one['work_per_s']:.1f} | {batched['work_per_s']:.1f} | "
+                    f"{batched['work_per_s'] / one['work_per_s']:.1f}x | {one['p50_s']:.2f} | "
+                    f"{batched['p50_s']:.2f} | {batched['p50_s'] / lone:.2f}x |",
+                    flush=True,
+                )
     if failed:
         print(f"{failed} answers were not well-formed")
     return 1 if failed else 0

@@ -30,9 +30,11 @@ def commands(viscpm: list[str]) -> list[tuple[str, list[str]]]:
         ("viscpm --help", [*viscpm, "--help"]),
         ("viscpm chat --help", [*viscpm, "chat", "--help"]),
         ("viscpm chat (toy model, greedy)", [*viscpm, "chat", "--image", str(IMAGE), "--question", "图中是什么形状？"]),
-        ("viscpm paint (toy model, 25 steps)",
-         [*viscpm, "paint", "一个红色的圆形", "--steps", "25", "--seed", "0", "-o", "startup-paint.png"]),
-    ]  # fmt: skip
+        (
+            "viscpm paint (toy model, 25 steps)",
+            [*viscpm, "paint", "一个红色的圆形", "--steps", "25", "--seed", "0", "-o", "startup-paint.png"],
+        ),
+    ]
 
 
 def wall_times(command: list[str], repeats: int, cwd: Path) -> list[float]:

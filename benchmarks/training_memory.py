@@ -60,8 +60,13 @@ def parameter_counts() -> dict:
     )
     lora = add_lora(model, {"r": 16, "alpha": 32}, quantized=False, gradient_checkpointing=True)
     adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    return {"config": lora.base_model.model.config, "total": total, "full": full, "quantized": quantized,
-            "lora": adapters}  # fmt: skip
+    return {
+        "config": lora.base_model.model.config,
+        "total": total,
+        "full": full,
+        "quantized": quantized,
+        "lora": adapters,
+    }
 
 
 def activation_bytes(config, micro_batch: int, length: int, hidden_bytes: int) -> float:
@@ -86,8 +91,15 @@ def table(counts: dict, sft_batch: int, lora_batch: int, length: int) -> list[tu
     qlora_weights = quantized * NF4_BYTES + (total - quantized) * 4
 
     def row(method, engine, gpus, weights, states, activations):
-        return (method, engine, gpus, weights / GB, states / GB, activations / GB,
-                (weights + states + activations) / GB)  # fmt: skip
+        return (
+            method,
+            engine,
+            gpus,
+            weights / GB,
+            states / GB,
+            activations / GB,
+            (weights + states + activations) / GB,
+        )
 
     rows = [
         row("full (stage 2)", "one GPU", 1, 4 * total, FP32_TRAINED_BYTES * full, sft_activations[4]),
@@ -111,10 +123,14 @@ def main() -> None:
 
     counts = parameter_counts()
     billions = {key: counts[key] / 1e9 for key in ("total", "full", "quantized")}
-    print(f"parameters: {billions['total']:.2f} B; trained in stage 2: {billions['full']:.2f} B; quantized by "
-          f"bitsandbytes: {billions['quantized']:.2f} B; LoRA r=16: {counts['lora'] / 1e6:.1f} M")  # fmt: skip
-    print(f"micro-batch {args.sft_batch} (full) / {args.lora_batch} (LoRA), {args.length} tokens, gradient "
-          "checkpointing; ESTIMATE, GB per GPU, without the CUDA context and fragmentation\n")  # fmt: skip
+    print(
+        f"parameters: {billions['total']:.2f} B; trained in stage 2: {billions['full']:.2f} B; quantized by "
+        f"bitsandbytes: {billions['quantized']:.2f} B; LoRA r=16: {counts['lora'] / 1e6:.1f} M"
+    )
+    print(
+        f"micro-batch {args.sft_batch} (full) / {args.lora_batch} (LoRA), {args.length} tokens, gradient "
+        "checkpointing; ESTIMATE, GB per GPU, without the CUDA context and fragmentation\n"
+    )
     header = ("method", "engine", "GPUs", "weights", "grads + AdamW", "activations", "total per GPU")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for method, engine, gpus, weights, states, activations, total in table(

@@ -566,6 +566,14 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             filled[name] = tensor.bool() if spec.flag else tensor.long()
         return CpmBeeStructure(**filled)
 
+    def cached_lengths(self, cache: Cache | None, query_length: int) -> tuple[int, int]:
+        """How many tokens the cache holds, and the keys' length (a static cache's preallocated slots included)."""
+        if cache is None or self.first_attention_layer is None:
+            return 0, query_length
+        past_length = cache.get_seq_length(self.first_attention_layer)
+        key_length, _ = cache.get_mask_sizes(query_length, self.first_attention_layer)
+        return past_length, key_length
+
     def token_sides(
         self, structure: CpmBeeStructure, query_length: int, key_length: int
     ) -> tuple[CpmBeeTokens, CpmBeeTokens]:
@@ -689,11 +697,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
 
         batch, query_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        past_length = 0
-        key_length = query_length
-        if cache is not None and self.first_attention_layer is not None:
-            past_length = cache.get_seq_length(self.first_attention_layer)
-            key_length, _ = cache.get_mask_sizes(query_length, self.first_attention_layer)
+        past_length, key_length = self.cached_lengths(cache, query_length)
         total_length = past_length + query_length
 
         structure = self._structure(

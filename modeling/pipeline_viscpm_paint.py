@@ -260,6 +260,45 @@ class VisCPMPaintPipeline(DiffusionPipeline):
 
     # --------------------------------------------------------------------------------------------------- steps
 
+    @staticmethod
+    def check_prompts(prompt, negative_prompt) -> None:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {prompt!r}")
+        for index, text in enumerate(prompts):
+            if not text.strip():
+                raise ValueError(
+                    f"prompt {index} is empty: VisCPM-Paint draws what the caption describes (the original encodes "
+                    "an empty caption only as the unconditional input; say what to avoid with `negative_prompt`)"
+                )
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+                raise TypeError(f"`negative_prompt` must be a str or a list of str, got {negative_prompt!r}")
+            if not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
+                raise ValueError(
+                    f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt, or one str"
+                )
+
+    def check_prompt_embeds(self, prompt_embeds, negative_prompt_embeds, negative_prompt) -> None:
+        if negative_prompt is not None:
+            raise ValueError("with `prompt_embeds`, pass `negative_prompt_embeds` instead of `negative_prompt`")
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.unet.config.cross_attention_dim:
+            raise ValueError(
+                f"`prompt_embeds` must be (batch, length, {self.unet.config.cross_attention_dim}), got "
+                f"{tuple(prompt_embeds.shape)}"
+            )
+        if self.do_classifier_free_guidance and negative_prompt_embeds is None:
+            raise ValueError(
+                "with `prompt_embeds` and guidance_scale > 1, pass `negative_prompt_embeds` too (both from "
+                "`encode_prompt`, padded to the same length)"
+            )
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+
     def check_inputs(
         self,
         prompt,
@@ -279,41 +318,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` or `prompt_embeds`")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {prompt!r}")
-            for index, text in enumerate(prompts):
-                if not text.strip():
-                    raise ValueError(
-                        f"prompt {index} is empty: VisCPM-Paint draws what the caption describes (the original encodes "
-                        "an empty caption only as the unconditional input; say what to avoid with `negative_prompt`)"
-                    )
-            if negative_prompt is not None:
-                negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-                if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-                    raise TypeError(f"`negative_prompt` must be a str or a list of str, got {negative_prompt!r}")
-                if not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
-                    raise ValueError(
-                        f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt, or one str"
-                    )
+            self.check_prompts(prompt, negative_prompt)
         else:
-            if negative_prompt is not None:
-                raise ValueError("with `prompt_embeds`, pass `negative_prompt_embeds` instead of `negative_prompt`")
-            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.unet.config.cross_attention_dim:
-                raise ValueError(
-                    f"`prompt_embeds` must be (batch, length, {self.unet.config.cross_attention_dim}), got "
-                    f"{tuple(prompt_embeds.shape)}"
-                )
-            if self.do_classifier_free_guidance and negative_prompt_embeds is None:
-                raise ValueError(
-                    "with `prompt_embeds` and guidance_scale > 1, pass `negative_prompt_embeds` too (both from "
-                    "`encode_prompt`, padded to the same length)"
-                )
-            if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(
-                    f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
-                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-                )
+            self.check_prompt_embeds(prompt_embeds, negative_prompt_embeds, negative_prompt)
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
                 raise ValueError(
@@ -435,6 +442,83 @@ class VisCPMPaintPipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------------------------------------------- call
 
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        extra_step_kwargs: dict,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> torch.Tensor:
+        """The denoising loop with classifier-free guidance: the final latents."""
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if self.do_classifier_free_guidance:
+                    encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
+                    latent_model_input = torch.cat([latents] * 2)
+                else:
+                    encoder_hidden_states, latent_model_input = prompt_embeds, latents
+                if hasattr(self.scheduler, "scale_model_input"):
+                    latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(
+                    latent_model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, tensors) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        return latents
+
+    def blank_flagged_images(
+        self, images: torch.Tensor, prompts: list[str | None], safety_checker: Callable
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """The images with those `safety_checker` flags made black (as the original), and the flags."""
+        flags = [bool(flag) for flag in safety_checker(self._to_pil(images), prompts)]
+        if len(flags) != len(images):
+            raise ValueError(f"the safety checker returned {len(flags)} flags for {len(images)} images")
+        flagged = torch.tensor(flags, device=images.device)
+        return images.masked_fill(flagged[:, None, None, None], 0.0), flags
+
+    def best_candidates(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        rerank_candidates: int,
+        scorer: Callable,
+    ) -> tuple[list[int], list[float]]:
+        """The row of the best-scored candidate of each image, and its score."""
+        pil_images = self._to_pil(images)
+        keep, scores = [], []
+        for group in range(len(images) // rerank_candidates):
+            rows = range(group * rerank_candidates, (group + 1) * rerank_candidates)
+            group_scores = [
+                float(s) for s in scorer([pil_images[r] for r in rows], prompts[group // num_images_per_prompt])
+            ]
+            if len(group_scores) != rerank_candidates:
+                raise ValueError(f"the scorer returned {len(group_scores)} scores for {rerank_candidates} images")
+            best = max(range(rerank_candidates), key=group_scores.__getitem__)
+            keep.append(rows[best])
+            scores.append(group_scores[best])
+        return keep, scores
+
     @torch.no_grad()
     def __call__(
         self,
@@ -520,10 +604,10 @@ class VisCPMPaintPipeline(DiffusionPipeline):
                 prompts, device, copies, self.do_classifier_free_guidance, negative_prompt
             )
         else:
-            prompt_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(copies, dim=0)
-            if negative_prompt_embeds is not None:
-                negative_prompt_embeds = negative_prompt_embeds.to(device, self.unet.dtype)
-                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(copies, dim=0)
+            prompt_embeds, negative_prompt_embeds = (
+                None if embeds is None else embeds.to(device, self.unet.dtype).repeat_interleave(copies, dim=0)
+                for embeds in (prompt_embeds, negative_prompt_embeds)
+            )
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -544,37 +628,15 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 5. Denoising loop
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                if self.do_classifier_free_guidance:
-                    encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
-                    latent_model_input = torch.cat([latents] * 2)
-                else:
-                    encoder_hidden_states, latent_model_input = prompt_embeds, latents
-                if hasattr(self.scheduler, "scale_model_input"):
-                    latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = self.unet(
-                    latent_model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
-                )[0]
-                if self.do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, tensors) or {}
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                progress_bar.update()
+        latents = self.denoise(
+            latents,
+            timesteps,
+            prompt_embeds,
+            negative_prompt_embeds,
+            extra_step_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
         # 6. Decode, check, rerank
         nsfw_content_detected, scores = None, None
@@ -582,34 +644,14 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             images = latents
         else:
             images = self.decode_latents(latents)
-            pil_images = self._to_pil(images) if safety_checker is not None or scorer is not None else None
             if safety_checker is not None:
                 image_prompts = [text for text in prompts for _ in range(copies)] if prompts else [None] * len(images)
-                nsfw_content_detected = [bool(flag) for flag in safety_checker(pil_images, image_prompts)]
-                if len(nsfw_content_detected) != len(images):
-                    raise ValueError(
-                        f"the safety checker returned {len(nsfw_content_detected)} flags for {len(images)} images"
-                    )
-                flagged = torch.tensor(nsfw_content_detected, device=images.device)
-                images = images.masked_fill(flagged[:, None, None, None], 0.0)  # black, as the original
-                pil_images = self._to_pil(images)
+                images, nsfw_content_detected = self.blank_flagged_images(images, image_prompts, safety_checker)
             if rerank_candidates > 1:
-                keep, scores = [], []
-                for group in range(batch_size * num_images_per_prompt):
-                    rows = range(group * rerank_candidates, (group + 1) * rerank_candidates)
-                    group_scores = [
-                        float(s) for s in scorer([pil_images[r] for r in rows], prompts[group // num_images_per_prompt])
-                    ]
-                    if len(group_scores) != rerank_candidates:
-                        raise ValueError(
-                            f"the scorer returned {len(group_scores)} scores for {rerank_candidates} images"
-                        )
-                    best = max(range(rerank_candidates), key=group_scores.__getitem__)
-                    keep.append(rows[best])
-                    scores.append(group_scores[best])
+                keep, scores = self.best_candidates(images, prompts, num_images_per_prompt, rerank_candidates, scorer)
                 images = images[keep]
                 if nsfw_content_detected is not None:
-                    nsfw_content_detected = [nsfw_content_detected[r] for r in keep]
+                    nsfw_content_detected = [nsfw_content_detected[row] for row in keep]
 
         # 7. Post-process
         if output_type == "np":

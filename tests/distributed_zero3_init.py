@@ -22,8 +22,13 @@ def main(folder: Path, zero3: Path, output: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     settings = json.loads(zero3.read_text())
     # the "auto" entries the Trainer would fill in
-    settings.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=1.0,
-                    bf16={"enabled": False}, fp16={"enabled": False})  # fmt: skip
+    settings.update(
+        train_micro_batch_size_per_gpu=1,
+        gradient_accumulation_steps=1,
+        gradient_clipping=1.0,
+        bf16={"enabled": False},
+        fp16={"enabled": False},
+    )
     live = HfDeepSpeedConfig(settings)  # transformers builds under zero.Init while this object lives
     torch.manual_seed(0)
     models = {

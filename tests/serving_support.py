@@ -20,8 +20,15 @@ def data_url(image: Image.Image | bytes) -> str:
 
 
 def image_message(data: bytes) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(data)}},
-                                         {"type": "text", "text": "what ?"}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(data)}},
+                {"type": "text", "text": "what ?"},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +52,19 @@ def client(server):
 
 
 def question(text="what ?", image=None, history=()):
-    content = [{"type": "image_url", "image_url": {"url": data_url(image or tiny_image(3))}}, {"type": "text",
-               "text": text}]  # fmt: skip
-    return [{"role": "user", "content": content}] if not history else [
-        {"role": "user", "content": content[:1] + [{"type": "text", "text": history[0]}]},
-        {"role": "assistant", "content": history[1]},
-        {"role": "user", "content": text},
-    ]  # fmt: skip
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(image or tiny_image(3))}},
+        {"type": "text", "text": text},
+    ]
+    return (
+        [{"role": "user", "content": content}]
+        if not history
+        else [
+            {"role": "user", "content": content[:1] + [{"type": "text", "text": history[0]}]},
+            {"role": "assistant", "content": history[1]},
+            {"role": "user", "content": text},
+        ]
+    )
 
 
 def post(server, path, body: bytes | dict, content_type="application/json"):

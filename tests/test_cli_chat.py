@@ -179,6 +179,15 @@ def test_chat_refuses_work_beyond_its_budget_before_loading_the_model(capsys, mo
 
 
 def test_chat_without_max_new_tokens_stays_within_the_limit(capsys):
-    code, out, _ = run_cli(capsys, "chat", "--image", REPO_ROOT / "examples" / "circle.png", "--question",
-                           "图中是什么形状？", "--max-tokens", "1", "--json")  # fmt: skip
+    code, out, _ = run_cli(
+        capsys,
+        "chat",
+        "--image",
+        REPO_ROOT / "examples" / "circle.png",
+        "--question",
+        "图中是什么形状？",
+        "--max-tokens",
+        "1",
+        "--json",
+    )
     assert code == 0 and len(json.loads(out)["token_ids"]) == 1

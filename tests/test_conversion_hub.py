@@ -118,8 +118,14 @@ def test_a_natively_loaded_and_saved_model_keeps_its_remote_code(sharded, golden
 def test_model_card(sharded):
     card = (sharded / "README.md").read_text(encoding="utf-8")
     header = card.split("---")[1]
-    for field in ("license:", "language:", "library_name: transformers", "pipeline_tag: image-text-to-text",
-                  "base_model:", "tags:"):  # fmt: skip
+    for field in (
+        "license:",
+        "language:",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "base_model:",
+        "tags:",
+    ):
         assert field in header, field
     for section in ("trust_remote_code=True", "load_in_4bit=True", "LoraConfig", "VisCPM-Chat-balance"):
         assert section in card, section

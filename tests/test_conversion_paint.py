@@ -113,9 +113,13 @@ def test_round_trip_to_the_original_layout_and_verification(golden_dir, tmp_path
     paint = golden_dir / "paint"
     original = torch.load(only_checkpoint(paint), weights_only=True)
     folder = convert_paint(
-        only_checkpoint(paint), golden_dir / "vocab" / "bee.txt", paint / "vae", tmp_path / "hub",
-        config=paint / "config.json", dtype="fp32",
-    )  # fmt: skip
+        only_checkpoint(paint),
+        golden_dir / "vocab" / "bee.txt",
+        paint / "vae",
+        tmp_path / "hub",
+        config=paint / "config.json",
+        dtype="fp32",
+    )
     back = torch.load(paint_to_original(folder, tmp_path / "back.pt"), weights_only=True)
     assert list(back) == list(original)
     assert all(back[key].dtype == value.dtype and torch.equal(back[key], value) for key, value in original.items())

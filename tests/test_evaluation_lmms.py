@@ -98,8 +98,20 @@ def lmms_eval_scores(folder: Path, *model_arguments: str) -> dict[str, float]:
     """lmms-eval's own CLI on the local tasks (no network); the exact-match score of each language."""
     tasks = write_task(folder / "tasks", limit=ITEMS)
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "lmms_eval", *model_arguments, "--tasks", ",".join(tasks), "--batch_size", "16",
-               "--include_path", str(folder / "tasks"), "--output_path", str(folder / "out")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        *model_arguments,
+        "--tasks",
+        ",".join(tasks),
+        "--batch_size",
+        "16",
+        "--include_path",
+        str(folder / "tasks"),
+        "--output_path",
+        str(folder / "out"),
+    ]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (results_file,) = (folder / "out").rglob("*_results.json")

@@ -40,12 +40,17 @@ def test_evaluation_phrasings_never_appear_in_stage_data(tmp_path, system):
     """In any of the seven languages; the native system has every language's training phrasings, mpm's translated
     share (here half of the questions, in every language) too."""
     scenes, questions, paths = mpm_mini.load_world("train")
-    config = dataclasses.replace(mpm_mini.QUICK, train_images=200, translated_share=0.5,
-                                 translated_languages=g.LANGUAGES[1:])  # fmt: skip
+    config = dataclasses.replace(
+        mpm_mini.QUICK, train_images=200, translated_share=0.5, translated_languages=g.LANGUAGES[1:]
+    )
     counts = mpm_mini.write_stage_data(tmp_path, config, system, scenes, questions, paths)
     assert set(counts["conversations"]) == set(g.LANGUAGES)
-    asked = {turn["value"] for record in json.loads((tmp_path / "vqa.json").read_text()) for turn in
-             record["conversations"] if turn["from"] == "human"}  # fmt: skip
+    asked = {
+        turn["value"]
+        for record in json.loads((tmp_path / "vqa.json").read_text())
+        for turn in record["conversations"]
+        if turn["from"] == "human"
+    }
     evaluation = mpm_mini.evaluation_set(dataclasses.replace(config, eval_questions=300), *mpm_mini.load_world("test"))
     for language in g.LANGUAGES[1:]:
         assert evaluation[language] and not {question for _, question, _ in evaluation[language]} & asked, language
@@ -160,8 +165,9 @@ def test_stage_two_asks_second_questions_about_the_same_image_in_the_first_ones_
 
     scenes, questions, paths = mpm_mini.load_world("train")
     scene_of = {paths[image_id]: scene for image_id, scene in scenes.items()}
-    config = dataclasses.replace(mpm_mini.QUICK, train_images=300, translated_share=0.5, translated_languages=("zh",),
-                                 languages=("en", "zh"))  # fmt: skip
+    config = dataclasses.replace(
+        mpm_mini.QUICK, train_images=300, translated_share=0.5, translated_languages=("zh",), languages=("en", "zh")
+    )
     counts = mpm_mini.write_stage_data(tmp_path, config, "mpm", scenes, questions, paths)
     records = json.loads((tmp_path / "vqa.json").read_text())
     two_rounds = [record for record in records if len(record["conversations"]) == 4]
@@ -220,10 +226,13 @@ def test_shipped_default_understands_held_out_paraphrases_and_refuses_the_rest()
 # examples/README.md: the example images are easy-VQA's test images 4, 0 and 23
 EXAMPLE_IMAGES = {"circle.png": 4, "triangle.png": 0, "rectangle.png": 23}
 PLAIN_QUESTIONS = {
-    "en": [("shape", "What shape is in the image?"), ("colour", "What colour is it?"),
-           ("has_shape", "Is there a circle in the image?")],
+    "en": [
+        ("shape", "What shape is in the image?"),
+        ("colour", "What colour is it?"),
+        ("has_shape", "Is there a circle in the image?"),
+    ],
     "zh": [("shape", "图中是什么形状？"), ("colour", "它是什么颜色？"), ("has_shape", "图片里有没有圆形？")],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(

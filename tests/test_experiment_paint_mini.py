@@ -32,8 +32,9 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
 
 
 def test_scores_count_colour_and_shape_separately():
-    red_circle, red_triangle, blue_circle = (paint_mini.SCENES.index(scene) for scene in
-                                             (("red", "circle"), ("red", "triangle"), ("blue", "circle")))  # fmt: skip
+    red_circle, red_triangle, blue_circle = (
+        paint_mini.SCENES.index(scene) for scene in (("red", "circle"), ("red", "triangle"), ("blue", "circle"))
+    )
     expected = torch.tensor([red_circle] * 4)
     predicted = torch.tensor([red_circle, red_triangle, blue_circle, red_triangle])
     assert paint_mini.scores(predicted, expected) == {"colour": 0.75, "shape": 0.5, "both": 0.25}

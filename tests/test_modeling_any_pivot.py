@@ -58,8 +58,10 @@ def test_the_prompt_follows_the_pivots_chat_template_with_the_image_first(pivot)
     context = "User: what is it ?\nAI: a red circle\n"
     text = processor.prompt_text("and now ?", context)
     if kind == "qwen2":
-        assert text == (f"<|im_start|>user\n{IMAGE_MARKER}what is it ?<|im_end|>\n<|im_start|>assistant\na red "
-                        "circle<|im_end|>\n<|im_start|>user\nand now ?<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+        assert text == (
+            f"<|im_start|>user\n{IMAGE_MARKER}what is it ?<|im_end|>\n<|im_start|>assistant\na red "
+            "circle<|im_end|>\n<|im_start|>user\nand now ?<|im_end|>\n<|im_start|>assistant\n"
+        )
     else:
         assert text == f"{IMAGE_MARKER}{context}User: and now ?\nAI:"
     inputs = processor(images=[tiny_image(1)], text=["and now ?"], context=[context])
@@ -95,8 +97,15 @@ def test_the_image_features_replace_the_placeholder_embeddings(pivot):
 def generated_logits(model, processor, images, questions, **kwargs) -> torch.Tensor:
     """The logits of 5 greedy steps, (batch, steps, vocab)."""
     inputs = processor(images=images, text=questions)
-    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **kwargs)  # fmt: skip
+    out = model.generate(
+        **inputs,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     return torch.stack(out.logits, dim=1)
 
 
@@ -182,8 +191,10 @@ def test_both_chat_stages_train_another_pivot(tmp_path):
     summary, _ = train("chat-sft", load_config("chat-sft", str(write_config(tmp_path / "s.yaml", **config))))
     assert falls(summary["losses"]), summary["losses"]
     tuned = AutoModel.from_pretrained(summary["saved"]).eval()
-    assert not torch.equal(tuned.state_dict()["llm.model.layers.0.self_attn.q_proj.weight"],
-                           aligned["llm.model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert not torch.equal(
+        tuned.state_dict()["llm.model.layers.0.self_attn.q_proj.weight"],
+        aligned["llm.model.layers.0.self_attn.q_proj.weight"],
+    )
     processor = AutoProcessor.from_pretrained(summary["saved"])
     answer, *_ = tuned.chat(colour_image("red"), "Describe the image concisely", processor, max_new_tokens=4)
     assert isinstance(answer, str)

@@ -321,10 +321,20 @@ def test_flex_attention_equals_eager_without_a_dense_bias():
     cache = DynamicCache(config=flex.config)
     shared = {k: inputs[k] for k in ("segment_rel", "ext_table_ids", "ext_table_sub")}
     per_token = STRUCTURED_PER_TOKEN + ("attention_mask",)
-    first = flex(input_ids=inputs["input_ids"][:, :prompt_length], cache=cache, use_cache=True, **shared,
-                 **{k: inputs[k][:, :prompt_length] for k in per_token}).logits  # fmt: skip
-    rest = flex(input_ids=inputs["input_ids"][:, prompt_length:], cache=cache, use_cache=True, **shared,
-                **{k: inputs[k] for k in per_token}).logits  # fmt: skip
+    first = flex(
+        input_ids=inputs["input_ids"][:, :prompt_length],
+        cache=cache,
+        use_cache=True,
+        **shared,
+        **{k: inputs[k][:, :prompt_length] for k in per_token},
+    ).logits
+    rest = flex(
+        input_ids=inputs["input_ids"][:, prompt_length:],
+        cache=cache,
+        use_cache=True,
+        **shared,
+        **{k: inputs[k] for k in per_token},
+    ).logits
     torch.testing.assert_close(torch.cat([first, rest], 1), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -128,12 +128,14 @@ def test_beam_search_stops_a_sentence_by_the_original_test():
     finished_scores = [-0.5, -0.9]
     # step 2: best candidate -2.0 / 2 = -1.0 <= -0.9: done, and its </s>, better than the worst (-2.0 / 3 > -0.9),
     # is not taken
-    _, scores, _, unsatisfied = finish_step(model, [-2.0, -4.0, -5.0, -6.0], [True, False, False, False], step=2,
-                                            beam_scores=finished_scores)  # fmt: skip
+    _, scores, _, unsatisfied = finish_step(
+        model, [-2.0, -4.0, -5.0, -6.0], [True, False, False, False], step=2, beam_scores=finished_scores
+    )
     assert not unsatisfied and scores == pytest.approx(finished_scores)
     # step 2, best candidate -1.6 / 2 = -0.8 > -0.9: not done, and the better </s> (-1.6 / 3) replaces the worst
-    _, scores, _, unsatisfied = finish_step(model, [-1.6, -4.0, -5.0, -6.0], [True, False, False, False], step=2,
-                                            beam_scores=finished_scores)  # fmt: skip
+    _, scores, _, unsatisfied = finish_step(
+        model, [-1.6, -4.0, -5.0, -6.0], [True, False, False, False], step=2, beam_scores=finished_scores
+    )
     assert unsatisfied
     assert scores == pytest.approx([-0.5, -1.6 / 3])
 

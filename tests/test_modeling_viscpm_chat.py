@@ -129,9 +129,13 @@ def test_chat_equals_original_generation(chat_model, processor, golden_dir, case
     image = golden_images(golden_dir)[case["image_index"]]
     prompt = case["extra_inp_dict"]
     answer, context, vision_hidden_states, token_ids = chat_model.chat(
-        image, prompt["question"], processor, context=prompt["context"], return_token_ids=True,
+        image,
+        prompt["question"],
+        processor,
+        context=prompt["context"],
+        return_token_ids=True,
         **settings_kwargs(case["settings"]),
-    )  # fmt: skip
+    )
     assert token_ids == [raw_id for raw_id, _ in case["result_ids"][0]]
     assert answer == case["answer"]
     assert context == case["next_context_as_VisCPMChat_builds"]
@@ -187,9 +191,13 @@ def test_multi_turn_chat_equals_the_original(chat_model, processor, golden_dir, 
     for turn in transcript["turns"]:
         assert turn["context_in"] == context
         answer, context, vision_hidden_states, token_ids = chat_model.chat(
-            image, turn["question"], processor, context=context, return_token_ids=True,
+            image,
+            turn["question"],
+            processor,
+            context=context,
+            return_token_ids=True,
             vision_hidden_states=vision_hidden_states if turn["passed_vision_hidden_states"] else None,
-        )  # fmt: skip
+        )
         assert token_ids == [raw_id for raw_id, _ in turn["result_ids"][0]]
         assert answer == turn["answer"]
         assert context == turn["context_out"]
@@ -216,8 +224,9 @@ def test_vision_states_are_reused_across_turns(tmp_path):
     image = tiny_image(1)
     first, context, states = model.chat(image, "what ?", processor, num_beams=1, max_new_tokens=4)
     assert context == f"User: what ?\nAI: {first}\n"
-    again = model.chat(None, "a b ?", processor, context=context, vision_hidden_states=states, num_beams=1,
-                       max_new_tokens=4)  # fmt: skip
+    again = model.chat(
+        None, "a b ?", processor, context=context, vision_hidden_states=states, num_beams=1, max_new_tokens=4
+    )
     fresh = model.chat(image, "a b ?", processor, context=context, num_beams=1, max_new_tokens=4)
     assert again[0] == fresh[0]
     torch.testing.assert_close(again[2], fresh[2])
@@ -307,10 +316,13 @@ def test_beam_search_prefills_the_prompt_once(tmp_path, monkeypatch):
     model, processor = tiny_chat(tmp_path, seed=8)
     shapes = []
     model.llm.model.register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
-                                                           else kwargs["inputs_embeds"]).shape[:2])),
+        lambda module, args, kwargs: shapes.append(
+            tuple(
+                (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[:2]
+            )
+        ),
         with_kwargs=True,
-    )  # fmt: skip
+    )
     images, questions = [tiny_image(9), tiny_image(10)], ["what ?", "a b c ?"]
     answers = model.chat(images, questions, processor, num_beams=3, max_new_tokens=5)[0]
     prompt_length = processor(text=questions)["input_ids"].shape[1]

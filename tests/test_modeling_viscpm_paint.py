@@ -68,8 +68,12 @@ def test_negative_prompt_pads_both_inputs_to_the_longer(paint_pipeline, golden_d
 @pytest.mark.golden
 def test_unet_noise_predictions(paint_pipeline, golden_dir):
     fixture = load_file(golden_dir / "paint" / "unet_vae.safetensors")
-    model = VisCPMPaintModel(paint_config_from_checkpoint(original := read_original_checkpoint(
-        only_checkpoint(golden_dir / "paint")), load_json(golden_dir / "paint" / "config.json"))).eval()  # fmt: skip
+    model = VisCPMPaintModel(
+        paint_config_from_checkpoint(
+            original := read_original_checkpoint(only_checkpoint(golden_dir / "paint")),
+            load_json(golden_dir / "paint" / "config.json"),
+        )
+    ).eval()
     model.load_state_dict({k: v.float() for k, v in map_state_dict(model.state_dict(), original, paint_key).items()})
     timesteps = sorted(int(m.group(1)) for name in fixture if (m := re.fullmatch(r"noise_pred\.t(\d+)", name)))
     assert timesteps

@@ -97,8 +97,13 @@ def test_callback_on_step_end(tiny):
         calls.append((step, int(timestep), tuple(tensors)))
         return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
 
-    latents = tiny("a red cat", num_inference_steps=3, output_type="latent", callback_on_step_end=callback,
-                   callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
+    latents = tiny(
+        "a red cat",
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    ).images
     assert [step for step, _, _ in calls] == [0, 1, 2]
     assert [t for _, t, _ in calls] == tiny.scheduler.timesteps.tolist()
     assert calls[0][2] == ("latents", "prompt_embeds")
@@ -125,15 +130,20 @@ def test_reranking_keeps_the_best_candidate(tiny):
     kwargs = dict(num_inference_steps=2, output_type="np", latents=latents)
     candidates = tiny("a red cat", num_images_per_prompt=6, generator=seeded(), **kwargs).images
     output = tiny(
-        "a red cat", num_images_per_prompt=2, rerank_candidates=3, scorer=brightness_scorer, generator=seeded(),
+        "a red cat",
+        num_images_per_prompt=2,
+        rerank_candidates=3,
+        scorer=brightness_scorer,
+        generator=seeded(),
         **kwargs,
-    )  # fmt: skip
+    )
     assert output.images.shape[0] == 2
     for image, group in zip(output.images, (candidates[:3], candidates[3:])):
         scores = brightness_scorer(tiny.image_processor.numpy_to_pil(group), "")
         np.testing.assert_array_equal(image, group[int(np.argmax(scores))])
-    assert output.scores == pytest.approx([max(brightness_scorer(tiny.image_processor.numpy_to_pil(g), "")) for g in
-                                           (candidates[:3], candidates[3:])])  # fmt: skip
+    assert output.scores == pytest.approx(
+        [max(brightness_scorer(tiny.image_processor.numpy_to_pil(g), "")) for g in (candidates[:3], candidates[3:])]
+    )
 
 
 def test_safety_checker_blacks_out_flagged_images(tiny):
@@ -143,8 +153,7 @@ def test_safety_checker_blacks_out_flagged_images(tiny):
         seen_prompts.extend(prompts)
         return [index == 1 for index in range(len(images))]
 
-    output = tiny("a red cat", num_images_per_prompt=2, num_inference_steps=2, safety_checker=checker,
-                  output_type="np")  # fmt: skip
+    output = tiny("a red cat", num_images_per_prompt=2, num_inference_steps=2, safety_checker=checker, output_type="np")
     assert output.nsfw_content_detected == [False, True]
     assert output.images[1].max() == 0 and output.images[0].max() > 0
     assert seen_prompts == ["a red cat", "a red cat"]
@@ -206,10 +215,14 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
         VisCPMPaintPipeline(
             tiny.text_encoder,
             tiny.tokenizer,
-            VisCPMPaintModel(VisCPMPaintConfig(text_config=tiny.text_encoder.config.text_config,
-                                               unet_config={**TINY_UNET, "cross_attention_dim": 8})).unet,
+            VisCPMPaintModel(
+                VisCPMPaintConfig(
+                    text_config=tiny.text_encoder.config.text_config,
+                    unet_config={**TINY_UNET, "cross_attention_dim": 8},
+                )
+            ).unet,
             tiny.scheduler,
-        )  # fmt: skip
+        )
 
 
 def test_pipeline_file_is_self_contained():

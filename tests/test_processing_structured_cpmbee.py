@@ -222,8 +222,22 @@ def test_segments_by_hand(tiny_tokenizer):
     # root: <s> <root> </s> | key "q": <s> q </s> | value: <s> a b </s> | key "<ans>": <s> <ans> </s> | answer: <s> c
     segments = encode_structured(tiny_tokenizer, {"q": "ab", "<ans>": "c"})
     assert segments.input_ids.tolist() == [
-        BOS, ROOT, EOS, BOS, ID["q"], EOS, BOS, ID["a"], ID["b"], EOS, BOS, ANS, EOS, BOS, ID["c"],
-    ]  # fmt: skip
+        BOS,
+        ROOT,
+        EOS,
+        BOS,
+        ID["q"],
+        EOS,
+        BOS,
+        ID["a"],
+        ID["b"],
+        EOS,
+        BOS,
+        ANS,
+        EOS,
+        BOS,
+        ID["c"],
+    ]
     assert segments.segment_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4]
     assert segments.context.tolist() == [True] * 13 + [False] * 2
     assert segments.num_segments == 5

@@ -76,8 +76,12 @@ def test_block_runs_against_a_served_model(block, workdir):
     assert SERVED_AT in block["code"]
     server = subprocess.Popen(
         [sys.executable, "-m", "viscpm", "serve", "--port", "0"],
-        cwd=workdir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        cwd=workdir,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         banner = server.stdout.readline()
         served = re.search(r"http://([\d.]+:\d+)/v1", banner)

@@ -39,16 +39,18 @@ def test_chat_completion_equals_the_model_and_continues_a_conversation(server, c
 
 def test_streamed_chat_gives_the_same_answer(server, client):
     whole = client.chat.completions.create(model="chat", messages=question("c ?"), temperature=0, max_tokens=6)
-    stream = client.chat.completions.create(model="chat", messages=question("c ?"), temperature=0, max_tokens=6,
-                                            stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model="chat", messages=question("c ?"), temperature=0, max_tokens=6, stream=True
+    )
     chunks = list(stream)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 def test_sampling_gives_n_choices(client):
-    completion = client.chat.completions.create(model="chat", messages=question(), temperature=1.0, top_p=0.9, n=3,
-                                                max_tokens=3)  # fmt: skip
+    completion = client.chat.completions.create(
+        model="chat", messages=question(), temperature=1.0, top_p=0.9, n=3, max_tokens=3
+    )
     assert [choice.index for choice in completion.choices] == [0, 1, 2]
 
 
@@ -79,16 +81,37 @@ def test_models_and_health(server, client):
     [
         ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "what ?"}]}, 400, "no image"),
-        ("/v1/chat/completions", {"messages": question(image=Image.effect_noise((300, 300), 60).convert("RGB"))},
-         413, "more than the 50000"),
+        (
+            "/v1/chat/completions",
+            {"messages": question(image=Image.effect_noise((300, 300), 60).convert("RGB"))},
+            413,
+            "more than the 50000",
+        ),
         # 5000 x 5000 one-bit pixels compress to a few kB: over the pixel limit, within the byte limit
-        ("/v1/chat/completions", {"messages": image_message(png_bytes(Image.new("1", (5000, 5000))))}, 413,
-         f"25000000 pixels, more than the {Limits.max_image_pixels}"),
+        (
+            "/v1/chat/completions",
+            {"messages": image_message(png_bytes(Image.new("1", (5000, 5000))))},
+            413,
+            f"25000000 pixels, more than the {Limits.max_image_pixels}",
+        ),
         ("/v1/chat/completions", {"messages": image_message(png_bytes(tiny_image(3))[:60])}, 400, "not an image"),
         ("/v1/chat/completions", {"messages": image_message(b"GIF89a not really")}, 400, "not an image"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, {"type": "text", "text": "a"}]}]},
-         400, "data URL"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+                            {"type": "text", "text": "a"},
+                        ],
+                    }
+                ]
+            },
+            400,
+            "data URL",
+        ),
         ("/v1/chat/completions", {"messages": question(), "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/chat/completions", {"messages": question(), "n": 2, "temperature": 0}, 400, "n > 1 needs sampling"),
         ("/v1/images/generations", {"prompt": "a cat", "size": "33x20"}, 400, "unsupported size"),
@@ -96,7 +119,7 @@ def test_models_and_health(server, client):
         ("/v1/images/generations", {"prompt": " "}, 400, "prompt"),
         ("/v1/nothing", {}, 404, "no such endpoint"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, body, status, words):
     code, payload = post(server, path, body)
     assert code == status and words in payload["error"]["message"], payload

@@ -112,16 +112,23 @@ def test_cancelled_stops_every_candidate_of_its_row():
 
 def test_concurrent_image_requests_of_one_size_run_as_one_batch_and_draw_as_each_alone(server, monkeypatch):
     service = server["service"]
-    requests = [{"prompt": "a red cat", "size": "32x32", "seed": 1},
-                {"prompt": "a red dog", "size": "32x32", "seed": 2, "negative_prompt": "a cat"}]  # fmt: skip
+    requests = [
+        {"prompt": "a red cat", "size": "32x32", "seed": 1},
+        {"prompt": "a red dog", "size": "32x32", "seed": 2, "negative_prompt": "a cat"},
+    ]
     jobs = [service.images_job(request) for request in requests]
     assert len({job.key for job in jobs}) == 1, "the test needs prompts of one padded length"
     alone = [
-        service.pipeline(request["prompt"], negative_prompt=request.get("negative_prompt"), height=32, width=32,
-                         num_inference_steps=service.paint_steps,
-                         generator=torch.Generator().manual_seed(request["seed"])).images[0]
+        service.pipeline(
+            request["prompt"],
+            negative_prompt=request.get("negative_prompt"),
+            height=32,
+            width=32,
+            num_inference_steps=service.paint_steps,
+            generator=torch.Generator().manual_seed(request["seed"]),
+        ).images[0]
         for request in requests
-    ]  # fmt: skip
+    ]
     unet_rows = recording(monkeypatch, service.pipeline.unet, "forward", lambda sample, *a, **k: sample.shape[0])
     with model_thread_held(service):
         futures = [service.queue.submit(job) for job in jobs]

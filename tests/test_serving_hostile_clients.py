@@ -76,8 +76,18 @@ def test_stream_must_be_a_boolean(server):
     ("path", "body", "param"),
     [
         ("/v1/chat/completions", {"messages": question(), "temperature": 1e-300}, "temperature"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": ["a"]}}, {"type": "text", "text": "a"}]}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": ["a"]}}, {"type": "text", "text": "a"}],
+                    }
+                ]
+            },
+            "messages",
+        ),
         ("/v1/chat/completions", {"messages": question(), "max_tokens": True}, "max_tokens"),
         ("/v1/images/generations", {"prompt": "a", "negative_prompt": 5}, "negative_prompt"),
         ("/v1/images/generations", {"prompt": "<foo_bar> a cat"}, "prompt"),
@@ -85,7 +95,7 @@ def test_stream_must_be_a_boolean(server):
         ("/v1/images/generations", {"prompt": "a", "seed": 10**30}, "seed"),
         ("/v1/images/generations", {"prompt": "a", "n": True}, "n"),
     ],
-)  # fmt: skip
+)
 def test_client_mistakes_that_gave_500_are_400(server, path, body, param):
     status, payload = post(server, path, body)
     assert status == 400 and payload["error"]["param"] == param, payload
@@ -102,14 +112,40 @@ def test_json_nested_deeper_than_python_parses_is_a_400(server):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(
-        st.sampled_from(["messages", "role", "content", "type", "text", "image_url", "url", "n", "max_tokens",
-                         "temperature", "top_p", "stream", "prompt", "size", "seed", "negative_prompt"]),
-        children, max_size=5),
-    max_leaves=12,
-), path=st.sampled_from(["/v1/chat/completions", "/v1/images/generations"]))  # fmt: skip
+@given(
+    body=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "messages",
+                        "role",
+                        "content",
+                        "type",
+                        "text",
+                        "image_url",
+                        "url",
+                        "n",
+                        "max_tokens",
+                        "temperature",
+                        "top_p",
+                        "stream",
+                        "prompt",
+                        "size",
+                        "seed",
+                        "negative_prompt",
+                    ]
+                ),
+                children,
+                max_size=5,
+            )
+        ),
+        max_leaves=12,
+    ),
+    path=st.sampled_from(["/v1/chat/completions", "/v1/images/generations"]),
+)
 def test_no_request_body_gets_a_server_error(server, body, path):
     """Whatever JSON a client sends, the answer is a success or an OpenAI-shaped 4xx, never a 5xx."""
     if path.endswith("completions") and isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
@@ -177,8 +213,9 @@ def test_idle_connections_hold_nothing_and_a_burst_of_clients_is_answered(server
     idle = [socket.create_connection((host, int(port))) for _ in range(200)]
     try:
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
-            answers = list(pool.map(lambda _: urllib.request.urlopen(server["url"] + "/health", timeout=30).status,
-                                    range(60)))  # fmt: skip
+            answers = list(
+                pool.map(lambda _: urllib.request.urlopen(server["url"] + "/health", timeout=30).status, range(60))
+            )
         assert answers == [200] * 60
     finally:
         for connection in idle:

@@ -35,11 +35,29 @@ def free_port() -> int:
 def ray_server(tmp_path_factory):
     """`viscpm serve --replicas 2` in a child process (half a CPU each, to fit any machine): its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "viscpm", "serve", "--replicas", str(REPLICAS), "--replica-cpus", "0.5",
-               "--port", str(port), "--paint-steps", "4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "viscpm",
+        "serve",
+        "--replicas",
+        str(REPLICAS),
+        "--replica-cpus",
+        "0.5",
+        "--port",
+        str(port),
+        "--paint-steps",
+        "4",
+    ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               cwd=tmp_path_factory.mktemp("ray"), env=environment)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path_factory.mktemp("ray"),
+        env=environment,
+    )
     try:
         banner = process.stdout.readline()  # once every replica is up
         assert banner.startswith("serving ") and f"{REPLICAS} replicas" in banner, banner
@@ -58,11 +76,14 @@ def test_two_replicas_serve_the_openai_client(ray_server):
     client = openai.OpenAI(base_url=ray_server["url"] + "/v1", api_key="unused", max_retries=0)
     assert {model.id for model in client.models.list()} == {"viscpm-chat-mini", "viscpm-paint-mini"}
     image = base64.b64encode((REPO_ROOT / "examples" / "circle.png").read_bytes()).decode()
-    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-               {"type": "text", "text": "图中是什么形状？"}]  # fmt: skip
+    content = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        {"type": "text", "text": "图中是什么形状？"},
+    ]
     for _ in range(2 * REPLICAS):  # every replica answers alike
-        answer = client.chat.completions.create(model="viscpm-chat-mini", messages=[{"role": "user", "content":
-                                                content}])  # fmt: skip
+        answer = client.chat.completions.create(
+            model="viscpm-chat-mini", messages=[{"role": "user", "content": content}]
+        )
         assert answer.choices[0].message.content == ZH["circle"]
     drawn = client.images.generate(model="viscpm-paint-mini", prompt="一个红色的圆形", response_format="b64_json")
     assert Image.open(io.BytesIO(base64.b64decode(drawn.data[0].b64_json))).format == "PNG"

@@ -13,9 +13,18 @@ from conftest import REPO_ROOT
 HEAVY = ("torch", "transformers", "diffusers", "bitsandbytes")
 # every command and subcommand of the parser
 HELP_COMMANDS = [
-    [], ["convert"], ["convert", "chat"], ["convert", "paint"], ["chat"], ["paint"], ["train"], ["merge-lora"],
-    ["experiment"], ["serve"], ["demo"],
-]  # fmt: skip
+    [],
+    ["convert"],
+    ["convert", "chat"],
+    ["convert", "paint"],
+    ["chat"],
+    ["paint"],
+    ["train"],
+    ["merge-lora"],
+    ["experiment"],
+    ["serve"],
+    ["demo"],
+]
 
 
 def python(code: str, *arguments: str) -> subprocess.CompletedProcess:

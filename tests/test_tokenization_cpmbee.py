@@ -12,9 +12,31 @@ from viscpm.modeling.tokenization_cpmbee import CpmBeeToken, CpmBeeTokenizer
 
 # A cut-down vocabulary: the id of a token is its index in this list.
 TINY_VOCAB = [
-    "<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>",
-    "<", ">", "a", "b", "c", "ab", "abc", " a", "s", "x", "y", "hello", " world",
-]  # fmt: skip
+    "<pad>",
+    "<unk>",
+    "<mask>",
+    "<sep>",
+    "</n>",
+    "</_>",
+    "<s>",
+    "</s>",
+    "<root>",
+    "<ans>",
+    "<option>",
+    "<",
+    ">",
+    "a",
+    "b",
+    "c",
+    "ab",
+    "abc",
+    " a",
+    "s",
+    "x",
+    "y",
+    "hello",
+    " world",
+]
 TINY_ID = {token: index for index, token in enumerate(TINY_VOCAB)}
 TINY_ID["\n"], TINY_ID[" "] = TINY_ID.pop("</n>"), TINY_ID.pop("</_>")
 

@@ -133,8 +133,9 @@ def test_conversations_give_one_sample_per_round_and_skip_malformed_ones(tmp_pat
     _, processor = tiny_chat(tmp_path)
     from viscpm.training.data import ChatPrompts
 
-    spec = SourceSpec(path=str(conversation_source(tmp_path / "data")), kind="conversation",
-                      image_root=str(tmp_path / "data"))  # fmt: skip
+    spec = SourceSpec(
+        path=str(conversation_source(tmp_path / "data")), kind="conversation", image_root=str(tmp_path / "data")
+    )
     report = DataReport()
     preparer = SamplePreparer(spec, StructuredSamples(processor.tokenizer, 80), ChatPrompts("conversation", processor))
     kept = prepare_source(preparer, load_records(spec), report)

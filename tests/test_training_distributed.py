@@ -98,7 +98,7 @@ def stage_config(workspace: Path, stage: str, output: str, batch: int, steps: in
         "data": {
             "sources": [{"path": str(workspace / data / "captions.jsonl"), "image_root": str(workspace / data)}],
             "max_length": 96,
-        },  # fmt: skip
+        },
         "training": {
             "max_steps": steps,
             "learning_rate": 1e-2,
@@ -108,7 +108,7 @@ def stage_config(workspace: Path, stage: str, output: str, batch: int, steps: in
             "lr_scheduler_type": "constant",
             # a CPU run of several processes is accelerate's MULTI_CPU (gloo): use_cpu says so
             "use_cpu": True,
-        },  # fmt: skip
+        },
     }
     if stage == "chat-sft-lora":
         entries["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
@@ -137,17 +137,31 @@ def launch_command(stage: str, config: Path, processes: int, *extra: str) -> lis
     if processes == 1:
         return [sys.executable, *train]
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            *train]  # fmt: skip
+    return [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *train,
+    ]
 
 
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env={**os.environ, **ENVIRONMENT}, cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        command, env={**os.environ, **ENVIRONMENT}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
@@ -165,8 +179,11 @@ def weights(stage: str, folder: Path) -> dict[str, torch.Tensor]:
         from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 
         pipeline = VisCPMPaintPipeline.from_pretrained(folder)
-        return {f"{name}.{key}": value for name in ("text_encoder", "unet", "vae")
-                for key, value in getattr(pipeline, name).state_dict().items()}  # fmt: skip
+        return {
+            f"{name}.{key}": value
+            for name in ("text_encoder", "unet", "vae")
+            for key, value in getattr(pipeline, name).state_dict().items()
+        }
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(folder).state_dict()
@@ -183,8 +200,11 @@ def references(workspace) -> dict:
         config = load_config(command_stage(stage), str(stage_config(workspace, stage, f"{stage}-one", GLOBAL_BATCH)))
         summary, _ = train(command_stage(stage), config)
         base = workspace / ("paint" if stage == "paint" else "chat")
-        results[stage] = {"losses": summary["losses"], "weights": weights(stage, Path(summary["saved"])),
-                          "base": None if stage == "chat-sft-lora" else weights(stage, base)}  # fmt: skip
+        results[stage] = {
+            "losses": summary["losses"],
+            "weights": weights(stage, Path(summary["saved"])),
+            "base": None if stage == "chat-sft-lora" else weights(stage, base),
+        }
     return results
 
 
@@ -223,9 +243,13 @@ def test_distributed_killed_run_resumes_where_it_stopped(workspace, references, 
     another number)."""
     output = workspace / f"killed-{engine.replace(' ', '-')}"
     long_run = stage_config(workspace, "chat-pretrain", output.name, GLOBAL_BATCH // 2, steps=500, save_steps=2)
-    process = subprocess.Popen(launch_command("chat-pretrain", long_run, 2, *ENGINES[engine]),
-                               env={**os.environ, **ENVIRONMENT}, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        launch_command("chat-pretrain", long_run, 2, *ENGINES[engine]),
+        env={**os.environ, **ENVIRONMENT},
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = output / "checkpoint-2" / "trainer_state.json"
     deadline = time.monotonic() + 300
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -264,10 +288,27 @@ def test_distributed_zero3_builds_and_loads_the_beit3_tower_whole(workspace, tmp
 
     gathered = tmp_path / "gathered.pt"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(REPO_ROOT / "tests" / "distributed_zero3_init.py"), str(workspace / "chat"), str(ZERO[3]),
-         str(gathered)])  # fmt: skip
+    run(
+        [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(REPO_ROOT / "tests" / "distributed_zero3_init.py"),
+            str(workspace / "chat"),
+            str(ZERO[3]),
+            str(gathered),
+        ]
+    )
     states = torch.load(gathered, weights_only=True)
     plain = AutoModel.from_pretrained(workspace / "chat").state_dict()
     assert states["loaded"].keys() == plain.keys()

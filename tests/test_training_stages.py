@@ -117,8 +117,9 @@ def test_paint_trains_bridge_then_cross_attention_with_the_llm_frozen(tmp_path):
     folder = paint_folder(tmp_path)
     before = VisCPMPaintPipeline.from_pretrained(folder)
     unfreeze = [{"step": 0, "train": ["bridge"]}, {"step": 3, "train": ["bridge", "unet_cross_attention"]}]
-    config = chat_config(tmp_path, folder, "paint", steps=6, paint={"resolution": 16, "unfreeze": unfreeze,
-                                                                   "caption_dropout": 0.2})  # fmt: skip
+    config = chat_config(
+        tmp_path, folder, "paint", steps=6, paint={"resolution": 16, "unfreeze": unfreeze, "caption_dropout": 0.2}
+    )
     summary, _ = train("paint", load_config("paint", str(write_config(tmp_path / "c.yaml", **config))))
     after = VisCPMPaintPipeline.from_pretrained(summary["saved"])
     assert all(np.isfinite(summary["losses"]))
@@ -131,8 +132,14 @@ def test_paint_trains_bridge_then_cross_attention_with_the_llm_frozen(tmp_path):
 def test_paint_loss_falls(tmp_path):
     folder = paint_folder(tmp_path)
     unfreeze = [{"step": 0, "train": ["bridge", "unet"]}]
-    config = chat_config(tmp_path, folder, "paint", steps=12, paint={"resolution": 16, "unfreeze": unfreeze},
-                         training={"learning_rate": 3e-3, "activation_checkpointing": True})  # fmt: skip
+    config = chat_config(
+        tmp_path,
+        folder,
+        "paint",
+        steps=12,
+        paint={"resolution": 16, "unfreeze": unfreeze},
+        training={"learning_rate": 3e-3, "activation_checkpointing": True},
+    )
     summary, _ = train("paint", load_config("paint", str(write_config(tmp_path / "c.yaml", **config))))
     assert falls(summary["losses"]), summary["losses"]
 
@@ -204,8 +211,13 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     subprocess.run([*command, "--config", str(reference)], check=True, env=env, capture_output=True, cwd=REPO_ROOT)
     expected = json.loads((tmp_path / "reference" / "run_summary.json").read_text())["losses"]
 
-    process = subprocess.Popen([*command, "--config", str(interrupted)], env=env, cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [*command, "--config", str(interrupted)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "interrupted" / "checkpoint-10" / "trainer_state.json"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -218,8 +230,9 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     complete = [path for path in newest.parent.glob("checkpoint-*") if int(path.name.split("-")[-1]) <= start]
     earlier = {file: file.read_bytes() for path in complete for file in path.rglob("*") if file.is_file()}
 
-    subprocess.run([*command, "--config", str(interrupted), "--resume"], check=True, env=env, capture_output=True,
-                   cwd=REPO_ROOT)  # fmt: skip
+    subprocess.run(
+        [*command, "--config", str(interrupted), "--resume"], check=True, env=env, capture_output=True, cwd=REPO_ROOT
+    )
     summary = json.loads((tmp_path / "interrupted" / "run_summary.json").read_text())
     # it started at the checkpoint's step and ran only the remaining ones; the checkpoints it found are untouched
     assert summary["resumed_from"] == str(newest)

@@ -151,8 +151,29 @@ def tiny_chat(tmp_path: Path, seed: int = 0):
     return tiny_chat_with(tiny_tokenizer(tmp_path, *CHAT_WORDS))
 
 
-PIVOT_WORDS = ["user", "assistant", "system", "User", "AI", ":", "?", ".", "what", "is", "it", "a", "b", "c", "red",
-               "green", "blue", "black", "circle", "and", "now"]  # fmt: skip
+PIVOT_WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "User",
+    "AI",
+    ":",
+    "?",
+    ".",
+    "what",
+    "is",
+    "it",
+    "a",
+    "b",
+    "c",
+    "red",
+    "green",
+    "blue",
+    "black",
+    "circle",
+    "and",
+    "now",
+]
 
 
 def tiny_pivot_tokenizer(kind: str):
@@ -166,9 +187,14 @@ def tiny_pivot_tokenizer(kind: str):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     eos = "<|im_end|>" if kind == "qwen2" else "</s>"
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token=eos,
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML if kind == "qwen2" else None,
-    )  # fmt: skip
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token=eos,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=CHATML if kind == "qwen2" else None,
+    )
 
 
 def tiny_pivot_chat(kind: str, seed: int = 0):
@@ -178,15 +204,25 @@ def tiny_pivot_chat(kind: str, seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = tiny_pivot_tokenizer(kind)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # fmt: skip
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     if kind == "gpt2":
         text_config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, **special)
     else:
         text_config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **special,
-        )  # fmt: skip
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **special,
+        )
     config = VisCPMChatConfig(vision_config=Beit3VisionConfig(**TINY_VISION), text_config=text_config, query_num=4)
     model = VisCPMChatForConditionalGeneration(config).eval()
     processor = VisCPMChatProcessor(VisCPMChatImageProcessor(size={"height": 32, "width": 32}), tokenizer, query_num=4)
@@ -229,9 +265,13 @@ def tiny_pipeline(tmp_path: Path, with_vae: bool = True, seed: int = 0) -> VisCP
     vae = None
     if with_vae:
         vae = AutoencoderKL(
-            block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, sample_size=8,
-        ).eval()  # fmt: skip
+            block_out_channels=[32, 32],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4,
+            layers_per_block=1,
+            sample_size=8,
+        ).eval()
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     pipeline = VisCPMPaintPipeline(text_encoder, tokenizer, model.unet, scheduler, vae=vae)
     pipeline.set_progress_bar_config(disable=True)

@@ -399,8 +399,10 @@ def _answer(args: argparse.Namespace) -> int:
     model = _load("model", functools.partial(AutoModel.from_pretrained, dtype=torch.float32), args.model).eval()
 
     # without --max-new-tokens: the folder's default, within --max-tokens
-    overrides = {"max_new_tokens": args.max_new_tokens or min(model.generation_config.max_new_tokens or
-                                                              args.max_tokens, args.max_tokens)}  # fmt: skip
+    overrides = {
+        "max_new_tokens": args.max_new_tokens
+        or min(model.generation_config.max_new_tokens or args.max_tokens, args.max_tokens)
+    }
     if args.num_beams is not None:
         overrides["num_beams"] = args.num_beams
     if args.do_sample:
@@ -741,8 +743,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         sock = bind(args.host, args.port)  # before the models load: a taken port fails at once
     except OSError as error:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
-    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
-                    max_pixel_steps=args.max_pixel_steps)  # fmt: skip
+    limits = Limits(
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens, max_pixel_steps=args.max_pixel_steps
+    )
     batching = Batching(max_rows=args.max_batch)
     names = ", ".join(folder.name for folder in (model, paint_model) if folder is not None)
     if args.replicas is not None:

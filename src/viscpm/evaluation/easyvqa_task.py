@@ -59,8 +59,10 @@ def write_task(folder: str | Path, languages=("en", "zh"), limit: int | None = N
     names = []
     for language, items in evaluation_items(languages, limit).items():
         data = folder / f"{language}.jsonl"
-        lines = [json.dumps({"image": path, "question": question, "answer": answer}, ensure_ascii=False)
-                 for path, question, answer in items]  # fmt: skip
+        lines = [
+            json.dumps({"image": path, "question": question, "answer": answer}, ensure_ascii=False)
+            for path, question, answer in items
+        ]
         data.write_text("\n".join(lines) + "\n", "utf-8")
         names.append(TASK_PREFIX + language)
         text = TASK_YAML.format(task=names[-1], data=json.dumps(str(data)), new_tokens=NEW_TOKENS)

@@ -70,8 +70,14 @@ class VisCPMChatLMM(lmms):
     answered together; `device`: where the model runs (default: cuda when there is one); `dtype`: `auto` (the
     folder's), `float32`, `bfloat16` or `float16`."""
 
-    def __init__(self, pretrained: str | None = None, batch_size: int | str = 1, device: str | None = None,
-                 dtype: str = "auto", **unknown) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        batch_size: int | str = 1,
+        device: str | None = None,
+        dtype: str = "auto",
+        **unknown,
+    ) -> None:
         super().__init__()
         if unknown:
             raise ValueError(
@@ -147,8 +153,9 @@ class VisCPMChatLMM(lmms):
                 batch = PivotCollator(processor.pad_token_id, pixels)([sample | {"image": image}])
                 aligned = False
             labels = batch.pop("labels").to(self.model.device)
-            batch = {key: value.to(self.model.device) if torch.is_tensor(value) else value
-                     for key, value in batch.items()}  # fmt: skip
+            batch = {
+                key: value.to(self.model.device) if torch.is_tensor(value) else value for key, value in batch.items()
+            }
             logits = self.model(**batch).logits.float()
             if not aligned:
                 logits, labels = logits[:, :-1], labels[:, 1:]

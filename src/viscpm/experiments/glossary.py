@@ -48,15 +48,31 @@ ZH_DESCRIPTION = "一个{colour}的{shape}"
 
 # easy-vqa's English templates, by kind ({colour} / {shape} filled from the question); negated ones are excluded
 EN_TEMPLATES = {
-    "shape": ("what shape is in the image?", "what shape does the image contain?", "what shape is present?",
-              "what is the {colour} shape?"),
-    "colour": ("what color is the shape?", "what color is the {shape}?", "what is the color of the {shape}?",
-               "what is the color of the shape?"),
-    "has_colour": ("is there a {colour} shape?", "is a {colour} shape present?",
-                   "is there a {colour} shape in the image?", "does the image contain a {colour} shape?"),
-    "has_shape": ("is there a {shape}?", "is a {shape} present?", "is there a {shape} in the image?",
-                  "does the image contain a {shape}?"),
-}  # fmt: skip
+    "shape": (
+        "what shape is in the image?",
+        "what shape does the image contain?",
+        "what shape is present?",
+        "what is the {colour} shape?",
+    ),
+    "colour": (
+        "what color is the shape?",
+        "what color is the {shape}?",
+        "what is the color of the {shape}?",
+        "what is the color of the shape?",
+    ),
+    "has_colour": (
+        "is there a {colour} shape?",
+        "is a {colour} shape present?",
+        "is there a {colour} shape in the image?",
+        "does the image contain a {colour} shape?",
+    ),
+    "has_shape": (
+        "is there a {shape}?",
+        "is a {shape} present?",
+        "is there a {shape} in the image?",
+        "does the image contain a {shape}?",
+    ),
+}
 
 ZH_TRAIN_TEMPLATES = {
     "shape": ("图中是什么形状？",),
@@ -78,65 +94,109 @@ ZH_EVAL_TEMPLATES = {
 EUROPEAN = ("de", "fr", "es", "it", "pt")
 LANGUAGES = ("en", "zh", *EUROPEAN)
 
-WORDS = {
-    "zh": ZH,
-    "de": {"circle": "Kreis", "rectangle": "Rechteck", "triangle": "Dreieck", "red": "rot", "green": "grün",
-           "blue": "blau", "black": "schwarz", "gray": "grau", "yellow": "gelb", "teal": "türkis", "brown": "braun",
-           "yes": "ja", "no": "nein"},
-    "fr": {"circle": "cercle", "rectangle": "rectangle", "triangle": "triangle", "red": "rouge", "green": "vert",
-           "blue": "bleu", "black": "noir", "gray": "gris", "yellow": "jaune", "teal": "turquoise", "brown": "marron",
-           "yes": "oui", "no": "non"},
-    "es": {"circle": "círculo", "rectangle": "rectángulo", "triangle": "triángulo", "red": "rojo", "green": "verde",
-           "blue": "azul", "black": "negro", "gray": "gris", "yellow": "amarillo", "teal": "turquesa",
-           "brown": "marrón", "yes": "sí", "no": "no"},
-    "it": {"circle": "cerchio", "rectangle": "rettangolo", "triangle": "triangolo", "red": "rosso", "green": "verde",
-           "blue": "blu", "black": "nero", "gray": "grigio", "yellow": "giallo", "teal": "turchese",
-           "brown": "marrone", "yes": "sì", "no": "no"},
-    "pt": {"circle": "círculo", "rectangle": "retângulo", "triangle": "triângulo", "red": "vermelho", "green": "verde",
-           "blue": "azul", "black": "preto", "gray": "cinza", "yellow": "amarelo", "teal": "turquesa",
-           "brown": "marrom", "yes": "sim", "no": "não"},
-}  # fmt: skip
+# one English word per row, its translation in each column
+EUROPEAN_GLOSSARY = """
+english    de        fr         es          it          pt
+circle     Kreis     cercle     círculo     cerchio     círculo
+rectangle  Rechteck  rectangle  rectángulo  rettangolo  retângulo
+triangle   Dreieck   triangle   triángulo   triangolo   triângulo
+red        rot       rouge      rojo        rosso       vermelho
+green      grün      vert       verde       verde       verde
+blue       blau      bleu       azul        blu         azul
+black      schwarz   noir       negro       nero        preto
+gray       grau      gris       gris        grigio      cinza
+yellow     gelb      jaune      amarillo    giallo      amarelo
+teal       türkis    turquoise  turquesa    turchese    turquesa
+brown      braun     marron     marrón      marrone     marrom
+yes        ja        oui        sí          sì          sim
+no         nein      non        no          no          não
+"""
+
+
+def glossary_columns(table: str) -> dict[str, dict[str, str]]:
+    """A whitespace-separated table with a header row (`english`, then language codes) as {language: {word: ...}}."""
+    header, *rows = (line.split() for line in table.strip().splitlines())
+    return {language: {row[0]: row[column] for row in rows} for column, language in enumerate(header) if column}
+
+
+WORDS = {"zh": ZH, **glossary_columns(EUROPEAN_GLOSSARY)}
 GERMAN_NEUTER = ("rectangle", "triangle")  # das Rechteck, das Dreieck: "ein rotes Rechteck", but "ein roter Kreis"
 
-DESCRIPTIONS = {"en": EN_DESCRIPTION, "zh": ZH_DESCRIPTION, "fr": "un {shape} {colour}", "es": "un {shape} {colour}",
-                "it": "un {shape} {colour}", "pt": "um {shape} {colour}"}  # fmt: skip
+DESCRIPTIONS = {
+    "en": EN_DESCRIPTION,
+    "zh": ZH_DESCRIPTION,
+    "fr": "un {shape} {colour}",
+    "es": "un {shape} {colour}",
+    "it": "un {shape} {colour}",
+    "pt": "um {shape} {colour}",
+}
 
 TRAIN_TEMPLATES = {
     "zh": ZH_TRAIN_TEMPLATES,
-    "de": {"shape": ("Welche Form ist im Bild?",), "colour": ("Welche Farbe hat die Form?",),
-           "has_colour": ("Ist die Form {colour}?",), "has_shape": ("Ist im Bild ein {shape}?",)},
-    "fr": {"shape": ("Quelle forme y a-t-il dans l'image ?",), "colour": ("De quelle couleur est l'objet ?",),
-           "has_colour": ("L'objet est-il {colour} ?",), "has_shape": ("Y a-t-il un {shape} dans l'image ?",)},
-    "es": {"shape": ("¿Qué forma hay en la imagen?",), "colour": ("¿De qué color es el objeto?",),
-           "has_colour": ("¿El objeto es {colour}?",), "has_shape": ("¿Hay un {shape} en la imagen?",)},
-    "it": {"shape": ("Che forma c'è nell'immagine?",), "colour": ("Di che colore è l'oggetto?",),
-           "has_colour": ("L'oggetto è {colour}?",), "has_shape": ("C'è un {shape} nell'immagine?",)},
-    "pt": {"shape": ("Que forma há na imagem?",), "colour": ("De que cor é o objeto?",),
-           "has_colour": ("O objeto é {colour}?",), "has_shape": ("Há um {shape} na imagem?",)},
-}  # fmt: skip
+    "de": {
+        "shape": ("Welche Form ist im Bild?",),
+        "colour": ("Welche Farbe hat die Form?",),
+        "has_colour": ("Ist die Form {colour}?",),
+        "has_shape": ("Ist im Bild ein {shape}?",),
+    },
+    "fr": {
+        "shape": ("Quelle forme y a-t-il dans l'image ?",),
+        "colour": ("De quelle couleur est l'objet ?",),
+        "has_colour": ("L'objet est-il {colour} ?",),
+        "has_shape": ("Y a-t-il un {shape} dans l'image ?",),
+    },
+    "es": {
+        "shape": ("¿Qué forma hay en la imagen?",),
+        "colour": ("¿De qué color es el objeto?",),
+        "has_colour": ("¿El objeto es {colour}?",),
+        "has_shape": ("¿Hay un {shape} en la imagen?",),
+    },
+    "it": {
+        "shape": ("Che forma c'è nell'immagine?",),
+        "colour": ("Di che colore è l'oggetto?",),
+        "has_colour": ("L'oggetto è {colour}?",),
+        "has_shape": ("C'è un {shape} nell'immagine?",),
+    },
+    "pt": {
+        "shape": ("Que forma há na imagem?",),
+        "colour": ("De que cor é o objeto?",),
+        "has_colour": ("O objeto é {colour}?",),
+        "has_shape": ("Há um {shape} na imagem?",),
+    },
+}
 EVAL_TEMPLATES = {
     "zh": ZH_EVAL_TEMPLATES,
-    "de": {"shape": ("Was für eine Form siehst du?", "Welche Form hat das Objekt?"),
-           "colour": ("In welcher Farbe ist das Objekt?", "Welche Farbe siehst du?"),
-           "has_colour": ("Ist das Objekt {colour}?", "Ist die Figur im Bild {colour}?"),
-           "has_shape": ("Ist das Objekt ein {shape}?", "Zeigt das Bild ein {shape}?")},
-    "fr": {"shape": ("Quelle est la forme de l'objet ?", "Tu vois quelle forme ?"),
-           "colour": ("Quelle est la couleur de l'objet ?", "Tu vois quelle couleur ?"),
-           "has_colour": ("Est-ce que l'objet est {colour} ?", "L'objet de l'image est-il {colour} ?"),
-           "has_shape": ("Est-ce que l'objet est un {shape} ?", "L'image montre-t-elle un {shape} ?")},
-    "es": {"shape": ("¿Cuál es la forma del objeto?", "¿Qué forma ves?"),
-           "colour": ("¿Cuál es el color del objeto?", "¿Qué color ves?"),
-           "has_colour": ("¿Es {colour} el objeto?", "¿El objeto de la imagen es {colour}?"),
-           "has_shape": ("¿Es el objeto un {shape}?", "¿La imagen muestra un {shape}?")},
-    "it": {"shape": ("Qual è la forma dell'oggetto?", "Che forma vedi?"),
-           "colour": ("Qual è il colore dell'oggetto?", "Che colore vedi?"),
-           "has_colour": ("È {colour} l'oggetto?", "L'oggetto nell'immagine è {colour}?"),
-           "has_shape": ("L'oggetto è un {shape}?", "L'immagine mostra un {shape}?")},
-    "pt": {"shape": ("Qual é a forma do objeto?", "Que forma você vê?"),
-           "colour": ("Qual é a cor do objeto?", "Que cor você vê?"),
-           "has_colour": ("É {colour} o objeto?", "O objeto da imagem é {colour}?"),
-           "has_shape": ("O objeto é um {shape}?", "A imagem mostra um {shape}?")},
-}  # fmt: skip
+    "de": {
+        "shape": ("Was für eine Form siehst du?", "Welche Form hat das Objekt?"),
+        "colour": ("In welcher Farbe ist das Objekt?", "Welche Farbe siehst du?"),
+        "has_colour": ("Ist das Objekt {colour}?", "Ist die Figur im Bild {colour}?"),
+        "has_shape": ("Ist das Objekt ein {shape}?", "Zeigt das Bild ein {shape}?"),
+    },
+    "fr": {
+        "shape": ("Quelle est la forme de l'objet ?", "Tu vois quelle forme ?"),
+        "colour": ("Quelle est la couleur de l'objet ?", "Tu vois quelle couleur ?"),
+        "has_colour": ("Est-ce que l'objet est {colour} ?", "L'objet de l'image est-il {colour} ?"),
+        "has_shape": ("Est-ce que l'objet est un {shape} ?", "L'image montre-t-elle un {shape} ?"),
+    },
+    "es": {
+        "shape": ("¿Cuál es la forma del objeto?", "¿Qué forma ves?"),
+        "colour": ("¿Cuál es el color del objeto?", "¿Qué color ves?"),
+        "has_colour": ("¿Es {colour} el objeto?", "¿El objeto de la imagen es {colour}?"),
+        "has_shape": ("¿Es el objeto un {shape}?", "¿La imagen muestra un {shape}?"),
+    },
+    "it": {
+        "shape": ("Qual è la forma dell'oggetto?", "Che forma vedi?"),
+        "colour": ("Qual è il colore dell'oggetto?", "Che colore vedi?"),
+        "has_colour": ("È {colour} l'oggetto?", "L'oggetto nell'immagine è {colour}?"),
+        "has_shape": ("L'oggetto è un {shape}?", "L'immagine mostra un {shape}?"),
+    },
+    "pt": {
+        "shape": ("Qual é a forma do objeto?", "Que forma você vê?"),
+        "colour": ("Qual é a cor do objeto?", "Que cor você vê?"),
+        "has_colour": ("É {colour} o objeto?", "O objeto da imagem é {colour}?"),
+        "has_shape": ("O objeto é um {shape}?", "A imagem mostra um {shape}?"),
+    },
+}
 # the caption requests of the pivot's text in the new languages (the original's, for English and Chinese, are in
 # training/data.py)
 CAPTION_REQUESTS = {
@@ -216,8 +276,13 @@ def all_texts() -> list[str]:
         for questions in table.values()
         for question in questions
     ]
-    tables = (EN_TEMPLATES, *TRAIN_TEMPLATES.values(), *EVAL_TEMPLATES.values(), *PLAIN_TEMPLATES.values(),
-              *HELD_OUT_PARAPHRASES.values())  # fmt: skip
+    tables = (
+        EN_TEMPLATES,
+        *TRAIN_TEMPLATES.values(),
+        *EVAL_TEMPLATES.values(),
+        *PLAIN_TEMPLATES.values(),
+        *HELD_OUT_PARAPHRASES.values(),
+    )
     for table in tables:
         for templates in table.values():
             texts += list(templates)

@@ -39,8 +39,10 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "<
 STRUCTURE_WORDS = ("image", "context", "question", "input", "caption", "objects", "User", "AI")
 SYSTEMS = ("mpm", "english_pivot", "native")
 PIVOTS = ("cpmbee", "qwen2")
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CHAT_ROLES = ("user", "assistant")  # words of the template, whole tokens of the Qwen2 pivot's vocabulary
 PROGRESS = functools.partial(print, flush=True)
 EVAL_NEW_TOKENS = 32  # the longest answer, the English refusal, is 25 tokens (then </s>); decoding stops at </s>
@@ -77,7 +79,7 @@ class MiniConfig:
             num_hidden_layers=2,
             image_size=64,
             patch_size=8,  # 16 px patches (4 x 4 of them) left circles and rectangles apart only half the time
-        )  # fmt: skip
+        )
     )
     query_num: int = 8
     systems: tuple = SYSTEMS
@@ -88,11 +90,18 @@ class MiniConfig:
 
 CONFIG = MiniConfig()
 QUICK = MiniConfig(
-    train_images=24, eval_questions=8, pivot_samples=64, pivot_steps=3, stage1_steps=2, stage2_steps=2, batch_size=4,
+    train_images=24,
+    eval_questions=8,
+    pivot_samples=64,
+    pivot_steps=3,
+    stage1_steps=2,
+    stage2_steps=2,
+    batch_size=4,
     text=dict(dim_model=32, num_heads=2, dim_head=16, dim_ff=64, num_layers=1),
-    vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1, image_size=32,
-                patch_size=16),
-)  # fmt: skip
+    vision=dict(
+        hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1, image_size=32, patch_size=16
+    ),
+)
 
 
 def shipped(config: MiniConfig) -> MiniConfig:
@@ -181,13 +190,13 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
         seen_in = "en" if rng.random() < 0.5 else asked_in
         description = g.describe(seen_in, **scene)
         if rng.random() < 0.25:
-            prompts.append({"image": description, "input": rng.choice(requests[asked_in]),
-                            "<ans>": g.describe(asked_in, **scene)})  # fmt: skip
+            prompts.append(
+                {"image": description, "input": rng.choice(requests[asked_in]), "<ans>": g.describe(asked_in, **scene)}
+            )
             continue
         if asked_in in g.REFUSALS and rng.random() < 0.05:
             question = g.surface(rng.choice(g.OUT_OF_WORLD[asked_in]), asked_in, rng)
-            prompts.append({"image": description, "context": "", "question": question,
-                            "<ans>": g.REFUSALS[asked_in]})  # fmt: skip
+            prompts.append({"image": description, "context": "", "question": question, "<ans>": g.REFUSALS[asked_in]})
             continue
         kind, template = rng.choice(question_templates[asked_in])
         slots = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
@@ -195,8 +204,9 @@ def pivot_prompts(languages: tuple[str, ...], rng: random.Random, count: int) ->
             slots = dict(scene)
         answer = g.answer_for(kind, scene, slots)
         question = g.half_surfaced(g.fill(template, asked_in, **slots), asked_in, rng)
-        prompts.append({"image": description, "context": "", "question": question,
-                        "<ans>": g.answer_in(asked_in, answer)})  # fmt: skip
+        prompts.append(
+            {"image": description, "context": "", "question": question, "<ans>": g.answer_in(asked_in, answer)}
+        )
     return prompts
 
 
@@ -211,9 +221,15 @@ def qwen2_tokenizer(vocab: list[str]):
     backend = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-zÀ-ÖØ-öø-ÿ’']+|[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="<|im_end|>", additional_special_tokens=turns,
-                                   chat_template=CHATML)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=turns,
+        chat_template=CHATML,
+    )
 
 
 def pivot_text_samples(prompts: list[dict], processor) -> list[dict]:
@@ -258,20 +274,38 @@ def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], outpu
         processor = pivot_processor(config, tokenizer)
         samples = pivot_text_samples(prompts, processor)
         text = config.text
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=text["dim_model"], intermediate_size=text["dim_ff"],
-            num_hidden_layers=text["num_layers"], num_attention_heads=text["num_heads"],
-            num_key_value_heads=text["num_heads"], head_dim=text["dim_head"], max_position_embeddings=512,
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))  # fmt: skip
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=text["dim_model"],
+                intermediate_size=text["dim_ff"],
+                num_hidden_layers=text["num_layers"],
+                num_attention_heads=text["num_heads"],
+                num_key_value_heads=text["num_heads"],
+                head_dim=text["dim_head"],
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
         collator = PivotCollator(processor.pad_token_id, None)
     arguments = TrainingArguments(
-        output_dir=str(output), max_steps=config.pivot_steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(100, config.pivot_steps // 10),
-        weight_decay=0.01, logging_steps=max(1, config.pivot_steps // 20), save_strategy="no", report_to="none",
-        seed=config.seed, dataloader_pin_memory=False, remove_unused_columns=False,
-    )  # fmt: skip
+        output_dir=str(output),
+        max_steps=config.pivot_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(100, config.pivot_steps // 10),
+        weight_decay=0.01,
+        logging_steps=max(1, config.pivot_steps // 20),
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+    )
     trainer = Trainer(
         model=model,
         args=arguments,
@@ -301,8 +335,9 @@ def chat_folder(config: MiniConfig, pivot, tokenizer, output: Path) -> Path:
 
     torch.manual_seed(config.seed)
     vision = Beit3VisionConfig(max_source_positions=config.query_num + 8, **config.vision)
-    chat_config = VisCPMChatConfig(vision_config=vision, text_config=pivot.config, query_num=config.query_num,
-                                   max_prompt_length=256)  # fmt: skip
+    chat_config = VisCPMChatConfig(
+        vision_config=vision, text_config=pivot.config, query_num=config.query_num, max_prompt_length=256
+    )
     model = VisCPMChatForConditionalGeneration(chat_config)
     model.llm.load_state_dict(pivot.state_dict())
     model.save_pretrained(output)
@@ -369,9 +404,16 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
                 next_answer = g.answer_for(next_kind, scenes[image_id], next_slots)
                 rounds.append(asked_in(language, next_kind, next_slots, next_question, next_answer)[1:])
                 second_rounds += 1
-            conversations.append({"image": paths[image_id], "conversations": [
-                {"from": speaker, "value": value} for round_ in rounds
-                for speaker, value in zip(("human", "gpt"), round_)]})  # fmt: skip
+            conversations.append(
+                {
+                    "image": paths[image_id],
+                    "conversations": [
+                        {"from": speaker, "value": value}
+                        for round_ in rounds
+                        for speaker, value in zip(("human", "gpt"), round_)
+                    ],
+                }
+            )
     (folder / "vqa.json").write_text(json.dumps(conversations, ensure_ascii=False), "utf-8")
     refused = share.pop("refused", 0)
     return {
@@ -395,13 +437,17 @@ def run_stage(
         "seed": config.seed,
         "data": {"sources": [{"path": str(data), "kind": kind}], "max_length": max_length},
         "training": {
-            "max_steps": steps, "per_device_train_batch_size": config.batch_size,
-            "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine",
-            "warmup_steps": min(100, steps // 10), "logging_steps": max(1, steps // 20), "save_strategy": "no",
+            "max_steps": steps,
+            "per_device_train_batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": min(100, steps // 10),
+            "logging_steps": max(1, steps // 20),
+            "save_strategy": "no",
             "dataloader_pin_memory": False,
         },
         **sections,
-    }  # fmt: skip
+    }
     overrides = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in entries.items()]
     summary, _ = train(stage, load_config(stage, None, overrides))
     return summary
@@ -502,8 +548,11 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
     paraphrases = paraphrase_set(config, test_scenes, test_questions, test_paths)
     results = {"config": asdict(config), "vocab_size": tokenizers["cpmbee"].vocab_size, "systems": {}}
-    results["split"] = {"train_images": config.train_images or len(train_scenes), "test_images": len(test_scenes),
-                        "eval_questions_per_language": len(evaluation["en"])}  # fmt: skip
+    results["split"] = {
+        "train_images": config.train_images or len(train_scenes),
+        "test_images": len(test_scenes),
+        "eval_questions_per_language": len(evaluation["en"]),
+    }
     for kind in config.pivots:
         tokenizer, pivots = tokenizers[kind], {}
         for system in config.systems:
@@ -519,11 +568,26 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
             counts = write_stage_data(work / "data", config, system, train_scenes, train_questions, train_paths)
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 1 on {counts['captions']} captions")
             # the image experts train in stage 1 too: VisCPM freezes a pretrained BEiT-3's, the toy's start random
-            stage1 = run_stage("chat-pretrain", base, work / "data" / "captions.jsonl", "caption",
-                               config.stage1_steps, config, work / "stage1", tune_vision=True)  # fmt: skip
+            stage1 = run_stage(
+                "chat-pretrain",
+                base,
+                work / "data" / "captions.jsonl",
+                "caption",
+                config.stage1_steps,
+                config,
+                work / "stage1",
+                tune_vision=True,
+            )
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 2 on {counts['conversations']} conversations")
-            stage2 = run_stage("chat-sft", Path(stage1["saved"]), work / "data" / "vqa.json", "conversation",
-                               config.stage2_steps, config, work / "stage2")  # fmt: skip
+            stage2 = run_stage(
+                "chat-sft",
+                Path(stage1["saved"]),
+                work / "data" / "vqa.json",
+                "conversation",
+                config.stage2_steps,
+                config,
+                work / "stage2",
+            )
             scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
             held_out = {language: accuracy(Path(stage2["saved"]), items) for language, items in paraphrases.items()}
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: accuracy {scores}, paraphrases {held_out}")
@@ -551,8 +615,13 @@ def report_table(results: dict) -> str:
     paraphrased = {system: entry["paraphrases"] for system, entry in results["systems"].items() if entry["paraphrases"]}
     if paraphrased:
         languages = list(next(iter(paraphrased.values())))
-        lines += ["", "Held-out paraphrases and questions outside the world:", "",
-                  "| system | " + " | ".join(languages) + " |", "|---" * (len(languages) + 1) + "|"]  # fmt: skip
+        lines += [
+            "",
+            "Held-out paraphrases and questions outside the world:",
+            "",
+            "| system | " + " | ".join(languages) + " |",
+            "|---" * (len(languages) + 1) + "|",
+        ]
         for system, scores in paraphrased.items():
             lines.append(f"| {system} | {' | '.join(f'{100 * scores[language]:.1f}' for language in languages)} |")
     return "\n".join(lines)
@@ -570,8 +639,12 @@ def bar_plot(values: dict[str, dict[str, float]], title: str, legend: str, path:
     width = 0.8 / len(languages)
     for index, language in enumerate(languages):
         offset = (index - (len(languages) - 1) / 2) * width
-        bars = axis.bar([i + offset for i in range(len(systems))], [100 * values[s][language] for s in systems],
-                        width, label=language)  # fmt: skip
+        bars = axis.bar(
+            [i + offset for i in range(len(systems))],
+            [100 * values[s][language] for s in systems],
+            width,
+            label=language,
+        )
         axis.bar_label(bars, fmt="%.0f", fontsize=6 if len(languages) > 2 else 8)
     axis.set_xticks(range(len(systems)), systems)
     axis.set_ylabel("accuracy (%)")

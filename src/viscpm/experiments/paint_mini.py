@@ -54,7 +54,7 @@ class PaintMiniConfig:
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=16,
-        )  # fmt: skip
+        )
     )
     paint_steps: int = 2500
     learning_rate: float = 1e-3
@@ -68,7 +68,7 @@ class PaintMiniConfig:
             attention_head_dim=[4, 4],
             cross_attention_dim=64,
             use_linear_projection=True,
-        )  # fmt: skip
+        )
     )
     classifier_steps: int = 1000
     inference_steps: int = 25
@@ -79,14 +79,32 @@ class PaintMiniConfig:
 
 CONFIG = PaintMiniConfig()
 QUICK = PaintMiniConfig(
-    pivot=mpm_mini.QUICK, train_images=24, batch_size=4, vae_steps=2, paint_steps=2, classifier_steps=2,
-    vae=dict(block_out_channels=[16, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-             up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8),
-    unet=dict(block_out_channels=[32, 32], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-              up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1, attention_head_dim=[2, 2],
-              cross_attention_dim=16, use_linear_projection=True),
-    inference_steps=2, images_per_prompt=1,
-)  # fmt: skip
+    pivot=mpm_mini.QUICK,
+    train_images=24,
+    batch_size=4,
+    vae_steps=2,
+    paint_steps=2,
+    classifier_steps=2,
+    vae=dict(
+        block_out_channels=[16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    ),
+    unet=dict(
+        block_out_channels=[32, 32],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=1,
+        attention_head_dim=[2, 2],
+        cross_attention_dim=16,
+        use_linear_projection=True,
+    ),
+    inference_steps=2,
+    images_per_prompt=1,
+)
 
 
 # ------------------------------------------------------------------------------------------------------- images
@@ -162,9 +180,14 @@ def train_classifier(config: PaintMiniConfig, pixels: torch.Tensor, labels: torc
 
     torch.manual_seed(config.seed)
     classifier = ResNetForImageClassification(
-        ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_labels=len(SCENES),
-                     downsample_in_first_stage=False)
-    )  # fmt: skip
+        ResNetConfig(
+            embedding_size=16,
+            hidden_sizes=[32, 64],
+            depths=[1, 1],
+            num_labels=len(SCENES),
+            downsample_in_first_stage=False,
+        )
+    )
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(config.seed)
     classifier.train()
@@ -206,15 +229,25 @@ def paint_folder(config: PaintMiniConfig, pivot, tokenizer, vae, output: Path) -
 
     torch.manual_seed(config.seed)
     latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_config = {"sample_size": latent_size, "in_channels": vae.config.latent_channels,
-                   "out_channels": vae.config.latent_channels, **config.unet}  # fmt: skip
+    unet_config = {
+        "sample_size": latent_size,
+        "in_channels": vae.config.latent_channels,
+        "out_channels": vae.config.latent_channels,
+        **config.unet,
+    }
     paint_config = VisCPMPaintConfig(text_config=pivot.config, unet_config=unet_config, max_prompt_length=64)
     text_encoder = VisCPMPaintTextEncoder(paint_config)
     text_encoder.llm.load_state_dict(pivot.model.state_dict())
     unet = UNet2DConditionModel.from_config(unet_config)
     # Stable Diffusion's noise schedule; DDIM draws (training uses DDPM over the same schedule)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              clip_sample=False, set_alpha_to_one=False)  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
     pipeline = VisCPMPaintPipeline(text_encoder.eval(), tokenizer, unet, scheduler, vae=vae)
     pipeline.save_pretrained(output)
     return output
@@ -231,10 +264,15 @@ def write_captions(folder: Path, scenes: dict, paths: dict, image_ids) -> int:
 def train_paint(config: PaintMiniConfig, model: Path, captions: Path, output: Path) -> dict:
     """`viscpm train paint`: the bridge and the whole UNet from step 0 (the real Paint stages its unfreezing
     because its UNet starts trained; this one starts from scratch)."""
-    paint = {"resolution": config.resolution, "caption_dropout": 0.1, "token_dropout": config.token_dropout,
-             "unfreeze": [{"step": 0, "train": ["bridge", "unet"]}]}  # fmt: skip
-    return mpm_mini.run_stage("paint", model, captions, "caption", config.paint_steps, config, output,
-                              paint=paint, max_length=32)  # fmt: skip
+    paint = {
+        "resolution": config.resolution,
+        "caption_dropout": 0.1,
+        "token_dropout": config.token_dropout,
+        "unfreeze": [{"step": 0, "train": ["bridge", "unet"]}],
+    }
+    return mpm_mini.run_stage(
+        "paint", model, captions, "caption", config.paint_steps, config, output, paint=paint, max_length=32
+    )
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -251,9 +289,12 @@ def draw(pipeline, language: str, config: PaintMiniConfig) -> tuple[list, torch.
         for sample in range(config.images_per_prompt)
     ]
     images = pipeline(
-        prompts, num_images_per_prompt=config.images_per_prompt, num_inference_steps=config.inference_steps,
-        guidance_scale=config.guidance_scale, generator=generators,
-    ).images  # fmt: skip
+        prompts,
+        num_images_per_prompt=config.images_per_prompt,
+        num_inference_steps=config.inference_steps,
+        guidance_scale=config.guidance_scale,
+        generator=generators,
+    ).images
     expected = torch.arange(len(SCENES)).repeat_interleave(config.images_per_prompt)
     return images, expected
 
@@ -313,12 +354,17 @@ def run(output: Path, config: PaintMiniConfig, log=mpm_mini.PROGRESS) -> dict:
     results = {
         "config": asdict(config),
         "split": {"train_images": len(train_ids), "test_images": len(test_labels)},
-        "vae": {"final_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]), **vae_report,
-                "test_reconstruction_mse": F.mse_loss(reconstruction, test_pixels[:256]).item()},
-        "classifier": {"test": scores(classify(classifier, test_pixels), test_labels),
-                       "test_reconstructed": scores(classify(classifier, reconstruction), test_labels[:256])},
+        "vae": {
+            "final_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]),
+            **vae_report,
+            "test_reconstruction_mse": F.mse_loss(reconstruction, test_pixels[:256]).item(),
+        },
+        "classifier": {
+            "test": scores(classify(classifier, test_pixels), test_labels),
+            "test_reconstructed": scores(classify(classifier, reconstruction), test_labels[:256]),
+        },
         "systems": {},
-    }  # fmt: skip
+    }
     progress(f"classifier on held-out images: {results['classifier']}")
     captions = write_captions(output / "data", scenes, paths, train_ids)
     for system in config.systems:
@@ -338,18 +384,24 @@ def run(output: Path, config: PaintMiniConfig, log=mpm_mini.PROGRESS) -> dict:
 
 
 def report_table(results: dict) -> str:
-    lines = ["| system | English prompt: colour / shape / both | Chinese prompt (zero-shot): colour / shape / both |",
-             "|---|---|---|"]  # fmt: skip
+    lines = [
+        "| system | English prompt: colour / shape / both | Chinese prompt (zero-shot): colour / shape / both |",
+        "|---|---|---|",
+    ]
     for system, entry in results["systems"].items():
-        cells = [" / ".join(f"{100 * entry['accuracy'][lang][key]:.1f}" for key in ("colour", "shape", "both"))
-                 for lang in PROMPT_LANGUAGES]  # fmt: skip
+        cells = [
+            " / ".join(f"{100 * entry['accuracy'][lang][key]:.1f}" for key in ("colour", "shape", "both"))
+            for lang in PROMPT_LANGUAGES
+        ]
         lines.append(f"| {system} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    both = {system: {language: entry["accuracy"][language]["both"] for language in PROMPT_LANGUAGES}
-            for system, entry in results["systems"].items()}  # fmt: skip
+    both = {
+        system: {language: entry["accuracy"][language]["both"] for language in PROMPT_LANGUAGES}
+        for system, entry in results["systems"].items()
+    }
     mpm_mini.bar_plot(both, "paint-mini: drawn scenes with colour and shape right", "prompt language", path)
 
 

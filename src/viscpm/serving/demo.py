@@ -34,10 +34,18 @@ def chat_app(model_dir: Path):
             state = {"image": image, "context": "", "vision": None}
             history = []
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        call = StreamedCall.in_thread(processor.tokenizer, lambda streamer: model.chat(
-            None if state["vision"] is not None else image, question, processor, context=state["context"],
-            vision_hidden_states=state["vision"], num_beams=1, streamer=streamer,
-        ))  # fmt: skip
+        call = StreamedCall.in_thread(
+            processor.tokenizer,
+            lambda streamer: model.chat(
+                None if state["vision"] is not None else image,
+                question,
+                processor,
+                context=state["context"],
+                vision_hidden_states=state["vision"],
+                num_beams=1,
+                streamer=streamer,
+            ),
+        )
         try:
             for text in call:
                 history[-1]["content"] += text
@@ -77,8 +85,13 @@ def paint_app(model_dir: Path):
         if not (prompt or "").strip():
             raise gr.Error("Say what to draw.")
         generator = torch.Generator().manual_seed(int(seed))
-        return pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
-                        num_images_per_prompt=int(count), generator=generator).images  # fmt: skip
+        return pipeline(
+            prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=int(steps),
+            num_images_per_prompt=int(count),
+            generator=generator,
+        ).images
 
     with gr.Blocks(title="VisCPM-Paint") as app:
         gr.Markdown(f"## VisCPM-Paint\n`{model_dir}`")

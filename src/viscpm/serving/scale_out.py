@@ -25,18 +25,28 @@ from .server import KEEP_ALIVE_SECONDS, Batching, Limits, VisCPMService, make_ap
 class VisCPMReplica:
     """One replica: `VisCPMService` on the given folders, behind `make_app`."""
 
-    def __init__(self, chat_model: str | None, paint_model: str | None, limits: dict, paint_steps: int,
-                 batching: dict):  # fmt: skip
-        self.service = VisCPMService(chat_model and Path(chat_model), paint_model and Path(paint_model),
-                                     Limits(**limits), paint_steps, Batching(**batching))  # fmt: skip
+    def __init__(self, chat_model: str | None, paint_model: str | None, limits: dict, paint_steps: int, batching: dict):
+        self.service = VisCPMService(
+            chat_model and Path(chat_model),
+            paint_model and Path(paint_model),
+            Limits(**limits),
+            paint_steps,
+            Batching(**batching),
+        )
 
     def __serve_build_asgi_app__(self):
         return make_app(self.service)
 
 
-def application(chat_model: Path | None, paint_model: Path | None, replicas: int, replica_cpus: float = 1,
-                limits: Limits | None = None, paint_steps: int = 50,
-                batching: Batching | None = None) -> Application:  # fmt: skip
+def application(
+    chat_model: Path | None,
+    paint_model: Path | None,
+    replicas: int,
+    replica_cpus: float = 1,
+    limits: Limits | None = None,
+    paint_steps: int = 50,
+    batching: Batching | None = None,
+) -> Application:
     """The Ray Serve application: ``replicas`` copies of the server, each holding ``replica_cpus`` of Ray's CPUs
     (its torch threads follow them). Each replica takes up to two batches of requests at a time, so that the next
     batch gathers while one runs; Ray queues the rest."""

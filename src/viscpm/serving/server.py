@@ -59,8 +59,13 @@ SIZE_PATTERN = r"^(?P<width>\d+)x(?P<height>\d+)$"
 class RequestError(Exception):
     """A request the server refuses: becomes an OpenAI error object with this status."""
 
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None,
-                 code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        status: HTTPStatus = HTTPStatus.BAD_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
 
@@ -326,8 +331,14 @@ class VisCPMService:
     """The loaded models and what the endpoints do with them. `chat_job` / `images_job` check a request and turn it
     into a job for the model thread; `chat` / `images` run one and wait for its result."""
 
-    def __init__(self, chat_model: Path | None, paint_model: Path | None, limits: Limits | None = None,
-                 paint_steps: int = 50, batching: Batching | None = None):  # fmt: skip
+    def __init__(
+        self,
+        chat_model: Path | None,
+        paint_model: Path | None,
+        limits: Limits | None = None,
+        paint_steps: int = 50,
+        batching: Batching | None = None,
+    ):
         from transformers import AutoModel, AutoProcessor
 
         import viscpm  # noqa: F401  (registers the Auto classes)
@@ -355,8 +366,10 @@ class VisCPMService:
 
     def models(self) -> dict:
         names = [name for name in (self.chat_name, self.paint_name) if name]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "viscpm"}
-                                           for n in names]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "viscpm"} for n in names],
+        }
 
     def wait(self, job: Job) -> Any:
         """Runs ``job`` in the model thread and returns its result (a cancelled job that never ran: None)."""
@@ -401,26 +414,34 @@ class VisCPMService:
         """The image, the conversation so far as VisCPM-Chat's context, and the last question."""
         image, turns = None, []
         for index, message in enumerate(messages):
-            parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (
-                message.content)  # fmt: skip
+            parts = (
+                [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+            )
             texts = []
             for part in parts:
                 if isinstance(part, TextPart):
                     texts.append(part.text)
                 elif message.role != "user":
-                    raise RequestError(f"messages[{index}]: only user messages may hold an image_url",
-                                       param="messages")  # fmt: skip
+                    raise RequestError(f"messages[{index}]: only user messages may hold an image_url", param="messages")
                 elif image is not None:
-                    raise RequestError("VisCPM-Chat answers about one image per conversation; this one has "
-                                       "several", param="messages", code="too_many_images")  # fmt: skip
+                    raise RequestError(
+                        "VisCPM-Chat answers about one image per conversation; this one has several",
+                        param="messages",
+                        code="too_many_images",
+                    )
                 else:
-                    image = self.decode_image(part.image_url.url if isinstance(part.image_url, ImageURL) else
-                                              part.image_url)  # fmt: skip
+                    image = self.decode_image(
+                        part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                    )
             if message.role != "system":
                 turns.append((message.role, " ".join(texts).strip()))
         if image is None:
-            raise RequestError("the conversation has no image: VisCPM-Chat answers questions about an image; add "
-                               "an image_url part with a data URL", param="messages", code="missing_image")  # fmt: skip
+            raise RequestError(
+                "the conversation has no image: VisCPM-Chat answers questions about an image; add "
+                "an image_url part with a data URL",
+                param="messages",
+                code="missing_image",
+            )
         if not turns or turns[-1][0] != "user" or not turns[-1][1]:
             raise RequestError("the last message must be a user question with text", param="messages")
         context, pending = "", None
@@ -440,8 +461,7 @@ class VisCPMService:
         except budgets.BudgetError as error:
             raise RequestError(str(error), param="max_tokens", code="over_budget") from None
         # without max_tokens: the model's own default, within the server's limit
-        kwargs = {"max_new_tokens": max_tokens or min(self.chat_model.generation_config.max_new_tokens or limit,
-                                                      limit)}  # fmt: skip
+        kwargs = {"max_new_tokens": max_tokens or min(self.chat_model.generation_config.max_new_tokens or limit, limit)}
         if request.temperature:
             kwargs.update(do_sample=True, num_beams=1, temperature=request.temperature)
             if request.top_p is not None:
@@ -472,8 +492,13 @@ class VisCPMService:
             raise RequestError(str(error), param="messages", code="over_budget") from None
         # a streamed request's key is its own
         key = (tuple(sorted(kwargs.items())), None if streamer is None else object())
-        return Job(self._chat_batch, key, request.n, ChatInputs(image, context, question, prompt_tokens, streamer),
-                   cancelled or threading.Event())  # fmt: skip
+        return Job(
+            self._chat_batch,
+            key,
+            request.n,
+            ChatInputs(image, context, question, prompt_tokens, streamer),
+            cancelled or threading.Event(),
+        )
 
     def _chat_batch(self, jobs: list[Job]) -> list[tuple[list, int]]:
         rows = [job for job in jobs for _ in range(job.rows)]
@@ -498,8 +523,10 @@ class VisCPMService:
                 answer_ids = torch.tensor([token_ids[row]])
                 (answers[row],) = self.processor.decode_answers(answer_ids, [inputs.ext_tables[row]])
         eos = self.processor.tokenizer.eos_token_id
-        choices = [(answer, "stop" if ids and ids[-1] == eos else "length", len(ids))
-                   for answer, ids in zip(answers, token_ids)]  # fmt: skip
+        choices = [
+            (answer, "stop" if ids and ids[-1] == eos else "length", len(ids))
+            for answer, ids in zip(answers, token_ids)
+        ]
         results, start = [], 0
         for job in jobs:
             results.append((choices[start : start + job.rows], job.inputs.prompt_tokens))
@@ -525,13 +552,22 @@ class VisCPMService:
             multiple = self.pipeline.vae_scale_factor * 4
             fits = [multiple <= side <= self.limits.max_image_side and side % multiple == 0 for side in (width, height)]
             if not all(fits):
-                raise RequestError(f"unsupported size {request.size!r}: WIDTHxHEIGHT, each a multiple of {multiple} "
-                                   f"from {multiple} to {self.limits.max_image_side}", param="size",
-                                   code="unsupported_size")  # fmt: skip
+                raise RequestError(
+                    f"unsupported size {request.size!r}: WIDTHxHEIGHT, each a multiple of {multiple} "
+                    f"from {multiple} to {self.limits.max_image_side}",
+                    param="size",
+                    code="unsupported_size",
+                )
         height, width = budgets.paint_size(self.pipeline, height, width)
         try:
-            budgets.check_paint_budget(height, width, self.paint_steps, request.n, self.limits.max_pixel_steps,
-                                       "viscpm serve --max-pixel-steps")  # fmt: skip
+            budgets.check_paint_budget(
+                height,
+                width,
+                self.paint_steps,
+                request.n,
+                self.limits.max_pixel_steps,
+                "viscpm serve --max-pixel-steps",
+            )
         except budgets.BudgetError as error:
             raise RequestError(str(error), param="size", code="over_budget") from error
         try:  # markup and length, as the pipeline reads them; the padded length joins the batch key
@@ -539,8 +575,13 @@ class VisCPMService:
         except ValueError as error:
             raise RequestError(str(error), param="prompt") from None
         key = (height, width, text["input_ids"].shape[1])
-        return Job(self._images_batch, key, request.n, PaintInputs(request.prompt, request.negative_prompt,
-                   request.seed), cancelled or threading.Event())  # fmt: skip
+        return Job(
+            self._images_batch,
+            key,
+            request.n,
+            PaintInputs(request.prompt, request.negative_prompt, request.seed),
+            cancelled or threading.Event(),
+        )
 
     def _images_batch(self, jobs: list[Job]) -> list[list[PIL.Image.Image]]:
         pipeline, (height, width, _) = self.pipeline, jobs[0].key
@@ -548,14 +589,19 @@ class VisCPMService:
         states, negative_states, latents, generators = [], [], [], []
         for job in jobs:
             # each request's prompt states and initial noise as it would get them alone (its seed draws its latents)
-            state, negative_state = pipeline.encode_prompt(job.inputs.prompt, pipeline._execution_device, job.rows,
-                                                           guided, job.inputs.negative_prompt)  # fmt: skip
+            state, negative_state = pipeline.encode_prompt(
+                job.inputs.prompt, pipeline._execution_device, job.rows, guided, job.inputs.negative_prompt
+            )
             states.append(state)
             negative_states.append(negative_state)
             generator = torch.Generator()
             generator.manual_seed(job.inputs.seed) if job.inputs.seed is not None else generator.seed()
-            shape = (job.rows, pipeline.unet.config.in_channels, height // pipeline.vae_scale_factor,
-                     width // pipeline.vae_scale_factor)  # fmt: skip
+            shape = (
+                job.rows,
+                pipeline.unet.config.in_channels,
+                height // pipeline.vae_scale_factor,
+                width // pipeline.vae_scale_factor,
+            )
             latents.append(torch.randn(shape, generator=generator, dtype=state.dtype))
             generators += [generator] * job.rows
 
@@ -659,16 +705,22 @@ async def read_json(request: Request, limit: int) -> dict:
     malformed one itself) and within `BODY_SECONDS`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"the request body is {declared} bytes, more than {limit}",
-                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="request_too_large")  # fmt: skip
+        raise RequestError(
+            f"the request body is {declared} bytes, more than {limit}",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            code="request_too_large",
+        )
     raw = bytearray()
 
     async def read() -> None:
         async for chunk in request.stream():
             raw.extend(chunk)
             if len(raw) > limit:
-                raise RequestError(f"the request body is more than {limit} bytes",
-                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="request_too_large")  # fmt: skip
+                raise RequestError(
+                    f"the request body is more than {limit} bytes",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    code="request_too_large",
+                )
 
     try:
         await asyncio.wait_for(read(), BODY_SECONDS)
@@ -687,6 +739,60 @@ async def read_json(request: Request, limit: int) -> dict:
     return body
 
 
+async def while_connected(service: VisCPMService, request: Request, job: Job):
+    """The job's result, from the model thread; its event is set if the client disconnects first."""
+    future = asyncio.wrap_future(service.queue.submit(job))
+    while not future.done():
+        await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+        if not future.done() and await request.is_disconnected():
+            job.cancelled.set()
+    if future.cancelled():  # dropped before it ran: no one is there to read this
+        raise RequestError("the client disconnected before the model took the request", code="cancelled")
+    return future.result()
+
+
+async def stream_chat(service: VisCPMService, body: dict) -> StreamingResponse:
+    """Server-sent events: the answer as it is generated, through the model's streamer."""
+    tokenizer = service.processor.tokenizer
+    streamer = StreamedCall.make_streamer(tokenizer)
+    job = await run_in_threadpool(service.chat_job, body, None, streamer)
+    if job.rows != 1:
+        raise RequestError("stream supports n = 1 only", param="n")
+    pieces = iter(StreamedCall(tokenizer.eos_token, streamer, service.queue.submit(job)))
+    # waits for the first piece: an error before generation is raised here, before any header
+    first = await run_in_threadpool(next, pieces, None)
+    identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def event(delta: dict, finish_reason=None) -> str:
+        chunk = {
+            "id": identifier,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": service.chat_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def events():
+        yield event({"role": "assistant", "content": ""})
+        reason = "stop"
+        try:
+            if first is not None:
+                yield event({"content": first})
+            async for text in iterate_in_threadpool(pieces):
+                yield event({"content": text})
+            (choice,), _ = job.future.result()
+            reason = choice[1]
+        except Exception:  # noqa: BLE001  (the headers are sent: the stream ends as it is)
+            logger.exception("generation failed while streaming")
+        finally:  # also when the client disconnects (the response is cancelled at a yield): stop generating
+            job.cancelled.set()
+        yield event({}, finish_reason=reason)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def make_app(service: VisCPMService) -> FastAPI:
     """The OpenAI-compatible API as an ASGI app: requests are checked in worker threads and run by the service's
     model thread."""
@@ -699,8 +805,11 @@ def make_app(service: VisCPMService) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         # unknown paths and methods (HEAD, PUT, ...) answer in the OpenAI shape too
-        message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code in (404, 405) else (
-            str(error.detail))  # fmt: skip
+        message = (
+            f"no such endpoint: {request.method} {request.url.path}"
+            if error.status_code in (404, 405)
+            else str(error.detail)
+        )
         return error_response(RequestError(message, HTTPStatus(error.status_code)))
 
     @app.exception_handler(Exception)
@@ -719,72 +828,25 @@ def make_app(service: VisCPMService) -> FastAPI:
     async def body_for(request: Request, model_name: str | None, kind: str, flag: str) -> dict:
         """The request's JSON body, once the model it asks for is there."""
         if model_name is None:
-            raise RequestError(f"this server has no {kind} model (start it with {flag})", HTTPStatus.NOT_FOUND,
-                               code="model_not_found")  # fmt: skip
+            raise RequestError(
+                f"this server has no {kind} model (start it with {flag})", HTTPStatus.NOT_FOUND, code="model_not_found"
+            )
         return await read_json(request, service.limits.max_request_bytes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_for(request, service.chat_name, "chat", "--model")
         if isinstance(body.get("stream"), bool) and body["stream"]:
-            return await stream_chat(body)
+            return await stream_chat(service, body)
         job = await run_in_threadpool(service.chat_job, body)
-        choices, prompt_tokens = await while_connected(request, job)
+        choices, prompt_tokens = await while_connected(service, request, job)
         return completion_body(service.chat_name, choices, prompt_tokens)
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
         body = await body_for(request, service.paint_name, "paint", "--paint-model")
         job = await run_in_threadpool(service.images_job, body)
-        return images_body(await while_connected(request, job))
-
-    async def while_connected(request: Request, job: Job):
-        """The job's result, from the model thread; its event is set if the client disconnects first."""
-        future = asyncio.wrap_future(service.queue.submit(job))
-        while not future.done():
-            await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
-            if not future.done() and await request.is_disconnected():
-                job.cancelled.set()
-        if future.cancelled():  # dropped before it ran: no one is there to read this
-            raise RequestError("the client disconnected before the model took the request", code="cancelled")
-        return future.result()
-
-    async def stream_chat(body: dict) -> StreamingResponse:
-        """Server-sent events: the answer as it is generated, through the model's streamer."""
-        tokenizer = service.processor.tokenizer
-        streamer = StreamedCall.make_streamer(tokenizer)
-        job = await run_in_threadpool(service.chat_job, body, None, streamer)
-        if job.rows != 1:
-            raise RequestError("stream supports n = 1 only", param="n")
-        pieces = iter(StreamedCall(tokenizer.eos_token, streamer, service.queue.submit(job)))
-        # waits for the first piece: an error before generation is raised here, before any header
-        first = await run_in_threadpool(next, pieces, None)
-        identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def event(delta: dict, finish_reason=None) -> str:
-            chunk = {"id": identifier, "object": "chat.completion.chunk", "created": created,
-                     "model": service.chat_name,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}  # fmt: skip
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-        async def events():
-            yield event({"role": "assistant", "content": ""})
-            reason = "stop"
-            try:
-                if first is not None:
-                    yield event({"content": first})
-                async for text in iterate_in_threadpool(pieces):
-                    yield event({"content": text})
-                (choice,), _ = job.future.result()
-                reason = choice[1]
-            except Exception:  # noqa: BLE001  (the headers are sent: the stream ends as it is)
-                logger.exception("generation failed while streaming")
-            finally:  # also when the client disconnects (the response is cancelled at a yield): stop generating
-                job.cancelled.set()
-            yield event({}, finish_reason=reason)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return images_body(await while_connected(service, request, job))
 
     return app
 
@@ -808,9 +870,15 @@ def bind(host: str, port: int) -> socket.socket:
 def make_server(service: VisCPMService, sock: socket.socket) -> uvicorn.Server:
     """uvicorn serving `make_app(service)` on ``sock``: `run(sockets=[sock])` blocks until SIGINT / SIGTERM (or
     `should_exit`), then shuts down gracefully."""
-    config = uvicorn.Config(make_app(service), http=HeadersDeadlineProtocol, backlog=BACKLOG,
-                            timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=MAX_CONNECTIONS,
-                            log_level="warning", lifespan="off")  # fmt: skip
+    config = uvicorn.Config(
+        make_app(service),
+        http=HeadersDeadlineProtocol,
+        backlog=BACKLOG,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        limit_concurrency=MAX_CONNECTIONS,
+        log_level="warning",
+        lifespan="off",
+    )
     return uvicorn.Server(config)
 
 

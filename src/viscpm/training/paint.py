@@ -124,8 +124,9 @@ class VisCPMPaintTrainingModel(nn.Module):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                               encoder_attention_mask=text_keep).sample  # fmt: skip
+        prediction = self.unet(
+            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=text_keep
+        ).sample
         return {"loss": F.mse_loss(prediction.float(), target.float())}
 
 

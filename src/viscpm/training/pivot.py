@@ -32,8 +32,9 @@ def vision_weights(folder: Path) -> dict:
     return tensors
 
 
-def assemble_chat(pivot: Path, output: Path, vision: Path | None = None, query_num: int = 64,
-                  overwrite: bool = False) -> Path:  # fmt: skip
+def assemble_chat(
+    pivot: Path, output: Path, vision: Path | None = None, query_num: int = 64, overwrite: bool = False
+) -> Path:
     """Write a VisCPM-Chat folder on ``pivot`` (and ``vision``'s BEiT-3) to ``output``; see the module's doc."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GenerationConfig

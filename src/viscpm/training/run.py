@@ -174,8 +174,9 @@ def build_chat(stage: str, config: dict, arguments):
     # bitsandbytes' own storage
     model = AutoModel.from_pretrained(config["model"], dtype=torch.float32, quantization_config=quantization)
     if lora:  # peft freezes the whole base and trains the adapters (and `modules_to_save`)
-        model = add_lora(model, lora, quantized=quantization is not None,
-                         gradient_checkpointing=arguments.activation_checkpointing)  # fmt: skip
+        model = add_lora(
+            model, lora, quantized=quantization is not None, gradient_checkpointing=arguments.activation_checkpointing
+        )
     else:
         set_chat_trainable(model, tune_llm=config["tune_llm"], tune_vision=config["tune_vision"])
     logger.info("%s: %s", stage, trainable_summary(model))
@@ -222,8 +223,9 @@ def build_paint(config: dict):
         seed=config["seed"],
     )
     paint = config["paint"]
-    collator = PaintCollator(pipeline.tokenizer, data["max_length"], paint["resolution"], paint["caption_dropout"],
-                             paint["token_dropout"])  # fmt: skip
+    collator = PaintCollator(
+        pipeline.tokenizer, data["max_length"], paint["resolution"], paint["caption_dropout"], paint["token_dropout"]
+    )
     return model, pipeline, dataset, report, collator, [unfreezing]
 
 
