@@ -57,13 +57,16 @@ def test_shipped_default_draws_what_english_and_chinese_prompts_ask():
     """Every scene from its English caption and, zero-shot, from its Chinese one (8 seeds), judged by the
     experiment's classifier, trained here on easy-VQA's labels. docs/paint-mini.md: colour / shape / both about
     94 / 95 / 91% in English; in Chinese the shape carries over (67%, chance 33%, the English-only pivot 30%) and
-    the colour does not (30%, the English-only pivot 27%), so only the shape is asserted in Chinese."""
+    the colour does not (30%, the English-only pivot 27%), so only the shape is asserted in Chinese. The judge is a
+    small classifier trained here, and another CPU trains another one: on an AMD EPYC the Chinese shape read 44, 70,
+    47 and 66% for the judge seeds 11-14 (English both 79-90%), so the floors sit below that spread and above the
+    English-only pivot and chance (33%)."""
     config = dataclasses.replace(paint_mini.CONFIG, images_per_prompt=8, seed=11)
     _, pixels, labels, _, _ = paint_mini.labelled_images("train", config.resolution, limit=2000)
     classifier = paint_mini.train_classifier(config, pixels, labels)
     accuracy, _ = paint_mini.evaluate(defaults.PAINT, classifier, config)
     assert accuracy["en"]["both"] >= 0.75, accuracy
-    assert accuracy["zh"]["shape"] >= 0.45, accuracy
+    assert accuracy["zh"]["shape"] >= 0.4, accuracy
 
 
 def test_paint_command_draws_with_the_shipped_default(tmp_path, capsys):
