@@ -130,29 +130,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def accelerate_launch(processes: int, *program: str) -> list[str]:
+    """`accelerate launch` of a Python program (a script, or `-m module`) on `processes` CPU processes."""
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    options = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+    return [accelerate, "launch", *options, "--dynamo_backend", "no", "--main_process_port", str(free_port()), *program]
+
+
 def launch_command(stage: str, config: Path, processes: int, *extra: str) -> list[str]:
     """`accelerate launch` of `viscpm train` on `processes` CPU processes (its multi-process launcher is torchrun's:
     `--cpu` alone starts one process unless MPI is installed); one process: plain `python -m viscpm`."""
     train = ["-m", "viscpm", "train", command_stage(stage), "--config", str(config), *extra]
     if processes == 1:
         return [sys.executable, *train]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    return [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        *train,
-    ]
+    return accelerate_launch(processes, *train)
 
 
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -287,28 +278,8 @@ def test_distributed_zero3_builds_and_loads_the_beit3_tower_whole(workspace, tmp
     from viscpm.modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 
     gathered = tmp_path / "gathered.pt"
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    run(
-        [
-            accelerate,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(REPO_ROOT / "tests" / "distributed_zero3_init.py"),
-            str(workspace / "chat"),
-            str(ZERO[3]),
-            str(gathered),
-        ]
-    )
+    script = REPO_ROOT / "tests" / "distributed_zero3_init.py"
+    run(accelerate_launch(2, str(script), str(workspace / "chat"), str(ZERO[3]), str(gathered)))
     states = torch.load(gathered, weights_only=True)
     plain = AutoModel.from_pretrained(workspace / "chat").state_dict()
     assert states["loaded"].keys() == plain.keys()
