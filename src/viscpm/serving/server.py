@@ -404,7 +404,7 @@ class VisCPMService:
             return self.processor.image_processor.load_image(data, max_image_pixels=self.limits.max_image_pixels)
         except ImageTooLargeError as error:
             size = f"{error.pixels} pixels" if error.pixels is not None else "more pixels than PIL decodes"
-            message = f"the image has {size}, more than the {self.limits.max_image_pixels} this server accepts"
+            message = f"the image has {size}, more than the {error.limit} this server accepts"
             raise RequestError(message, too_large, "messages", "image_too_large") from None
         except InvalidImageError:
             message = "image_url is not an image PIL can read (or is truncated or corrupt)"
