@@ -77,6 +77,21 @@ def test_missing_file_and_non_state_dict(tmp_path):
 
 
 def test_original_json_config_drops_the_dtype_flag():
-    original = {**tiny_cpmbee_config(50).to_diff_dict(), "half": True}
+    # the `cpmbee` section of an original config.json, in its own field names (no transformers bookkeeping)
+    original = {
+        "vocab_size": 50,
+        "dim_model": 16,
+        "dim_ff": 24,
+        "num_layers": 2,
+        "num_heads": 2,
+        "dim_head": 8,
+        "dropout_p": 0.0,
+        "position_bias_num_buckets": 16,
+        "position_bias_num_segment_buckets": 16,
+        "position_bias_max_distance": 32,
+        "eps": 1e-6,
+        "half": True,
+    }
     config = cpmbee_config_from_original(original)
-    assert config.dim_model == original["dim_model"] and not hasattr(config, "half")
+    assert all(getattr(config, key) == value for key, value in original.items() if key != "half")
+    assert not hasattr(config, "half")
