@@ -65,7 +65,7 @@ class MiniConfig:
     train_images: int | None = None  # None: all of easy-vqa's training images
     eval_questions: int = 600  # per language, on held-out (test) images
     pivot_samples: int = 40000
-    pivot_steps: int = 8000  # 4,000 left colour yes / no at chance (docs/mpm-mini.md, "The shipped pivot ...")
+    pivot_steps: int = 8000  # 4,000 left colour yes / no at chance (docs/mpm-mini.md, "The 4,000-step pivot ...")
     stage1_steps: int = 2000
     stage2_steps: int = 1500
     batch_size: int = 32
