@@ -38,10 +38,10 @@ def test_every_english_question_kind_is_parsed_and_answered():
 @pytest.mark.parametrize("system", ["native", "mpm"])
 def test_evaluation_phrasings_never_appear_in_stage_data(tmp_path, system):
     """In any of the seven languages; the native system has every language's training phrasings, mpm's translated
-    share (here half of the questions, in every language) too."""
+    share (here about half of the questions, spread over the six other languages) too."""
     scenes, questions, paths = mpm_mini.load_world("train")
     config = dataclasses.replace(
-        mpm_mini.QUICK, train_images=200, translated_share=0.5, translated_languages=g.LANGUAGES[1:]
+        mpm_mini.QUICK, train_images=200, translated_share_per_language=0.08, translated_languages=g.LANGUAGES[1:]
     )
     counts = mpm_mini.write_stage_data(tmp_path, config, system, scenes, questions, paths)
     assert set(counts["conversations"]) == set(g.LANGUAGES)
@@ -118,7 +118,9 @@ def _training_questions(tmp_path) -> list[str]:
     questions = [prompt.get("question") or prompt["input"] for prompt in prompts]
     world = mpm_mini.load_world("train")
     for system in ("mpm", "native"):
-        config = dataclasses.replace(mpm_mini.QUICK, train_images=400, translated_share=0.5, refusal_share=0.5)
+        config = dataclasses.replace(
+            mpm_mini.QUICK, train_images=400, translated_share_per_language=0.08, refusal_share=0.5
+        )
         mpm_mini.write_stage_data(tmp_path / system, config, system, *world)
         records = json.loads((tmp_path / system / "vqa.json").read_text())
         questions += [
@@ -166,7 +168,11 @@ def test_stage_two_asks_second_questions_about_the_same_image_in_the_first_ones_
     scenes, questions, paths = mpm_mini.load_world("train")
     scene_of = {paths[image_id]: scene for image_id, scene in scenes.items()}
     config = dataclasses.replace(
-        mpm_mini.QUICK, train_images=300, translated_share=0.5, translated_languages=("zh",), languages=("en", "zh")
+        mpm_mini.QUICK,
+        train_images=300,
+        translated_share_per_language=0.5,
+        translated_languages=("zh",),
+        languages=("en", "zh"),
     )
     counts = mpm_mini.write_stage_data(tmp_path, config, "mpm", scenes, questions, paths)
     records = json.loads((tmp_path / "vqa.json").read_text())
@@ -184,6 +190,60 @@ def test_stage_two_asks_second_questions_about_the_same_image_in_the_first_ones_
     assert chinese
     turns = conversation_turns(two_rounds[0]["conversations"])
     assert turns[1].context.startswith("User: ") and turns[1].context.count("AI: ") == 1
+
+
+def test_a_translated_share_over_all_conversations_is_refused_with_the_largest_that_fits(tmp_path):
+    scenes, questions, paths = mpm_mini.load_world("train")
+    config = dataclasses.replace(mpm_mini.QUICK, train_images=20, translated_share_per_language=0.2)
+    with pytest.raises(ValueError, match=r"120% of the conversations: lower it to at most 0\.167"):
+        mpm_mini.write_stage_data(tmp_path, config, "mpm", scenes, questions, paths)
+
+
+def _yes_no_rounds(folder, scenes, questions, paths, yes_share) -> list[tuple[str, str, str]]:
+    """`(image path, question, answer)` of every round of stage 2's conversations whose answer is yes or no, in
+    English or in a Chinese translated share of 30%."""
+    config = dataclasses.replace(
+        mpm_mini.QUICK,
+        train_images=1500,
+        translated_share_per_language=0.3,
+        translated_languages=("zh",),
+        yes_share=yes_share,
+    )
+    mpm_mini.write_stage_data(folder, config, "mpm", scenes, questions, paths)
+    rounds = [
+        (record["image"], asked["value"], answered["value"])
+        for record in json.loads((folder / "vqa.json").read_text())
+        for asked, answered in zip(record["conversations"][::2], record["conversations"][1::2])
+    ]
+    yes_no = {g.answer_in(language, answer) for language in ("en", "zh") for answer in ("yes", "no")}
+    return [(image, asked, answered) for image, asked, answered in rounds if answered in yes_no]
+
+
+@pytest.mark.parametrize("yes_share", [0.5, 0.8])
+def test_stage_two_answers_yes_at_the_configured_share_in_english_and_the_translated_share(tmp_path, yes_share):
+    """Each answer is the image's own: an English question in easy-vqa's phrasing is parsed and answered again."""
+    scenes, questions, paths = mpm_mini.load_world("train")
+    scene_of = {paths[image_id]: scene for image_id, scene in scenes.items()}
+    answers, checked = {"en": [], "zh": []}, 0
+    for image, asked, answered in _yes_no_rounds(tmp_path, scenes, questions, paths, yes_share):
+        language = "zh" if re.search(r"[\u4e00-\u9fff]", asked) else "en"
+        answers[language].append(answered == g.answer_in(language, "yes"))
+        parsed = g.question_kind(asked[:1].lower() + asked[1:].rstrip(g.FINAL_PUNCTUATION) + "?")
+        if language == "en" and parsed:
+            assert g.answer_for(parsed[0], scene_of[image], parsed[1]) == answered, (asked, scene_of[image])
+            checked += 1
+    assert checked > 300
+    for language, said_yes in answers.items():
+        assert len(said_yes) > 300 and abs(sum(said_yes) / len(said_yes) - yes_share) < 0.06, language
+
+
+def test_without_a_yes_share_stage_two_asks_easy_vqas_own_questions(tmp_path):
+    """Mostly answered no: 13% of its colour and 35% of its shape yes / no questions are answered yes."""
+    scenes, questions, paths = mpm_mini.load_world("train")
+    own = {(paths[image_id], question) for image_id, _, _, question in questions}
+    rounds = _yes_no_rounds(tmp_path, scenes, questions, paths, None)
+    english = [answered for image, asked, answered in rounds if (image, asked) in own]
+    assert len(english) > 300 and english.count("yes") / len(english) < 0.3
 
 
 def test_only_default_is_an_option_of_mpm_mini(capsys):
@@ -204,23 +264,23 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
 
 def test_shipped_default_answers_held_out_questions_in_both_languages():
     """The default `viscpm chat` model on 120 balanced held-out questions per language (English, and Chinese in
-    phrasings its training never saw). It scores 94.2% / 89.2% there (on 600 items: 94.8% / 90.8%; issue 17's goal
+    phrasings its training never saw). It scores 95.0% / 90.8% there (on 600 items: 95.7% / 92.2%; issue 17's goal
     is 95% / 90%): the floors guard the measured model (docs/mpm-mini.md, "Plain questions")."""
     config = dataclasses.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7, languages=("en", "zh"))
     evaluation = mpm_mini.evaluation_set(config, *mpm_mini.load_world("test"))
     with torch.no_grad():
         scores = {language: mpm_mini.accuracy(defaults.CHAT, examples) for language, examples in evaluation.items()}
-    assert scores["en"] >= 0.92 and scores["zh"] >= 0.87, scores
+    assert scores["en"] >= 0.93 and scores["zh"] >= 0.89, scores
 
 
 def test_shipped_default_understands_held_out_paraphrases_and_refuses_the_rest():
     """Phrasings, capitals and punctuation no training text contains, and questions outside its world (a fifth),
-    120 per language. It scores 92.5% / 89.2% there (on 600 items: 95.0% / 88.3%; goal: 85% in both)."""
+    120 per language. It scores 94.2% / 92.5% there (on 600 items: 96.0% / 89.8%; goal: 85% in both)."""
     config = dataclasses.replace(mpm_mini.MiniConfig(), eval_questions=120, seed=7, languages=("en", "zh"))
     paraphrases = mpm_mini.paraphrase_set(config, *mpm_mini.load_world("test"))
     with torch.no_grad():
         scores = {language: mpm_mini.accuracy(defaults.CHAT, examples) for language, examples in paraphrases.items()}
-    assert scores["en"] >= 0.90 and scores["zh"] >= 0.87, scores
+    assert scores["en"] >= 0.92 and scores["zh"] >= 0.90, scores
 
 
 # examples/README.md: the example images are easy-VQA's test images 4, 0 and 23

@@ -52,7 +52,10 @@ EVAL_NEW_TOKENS = 32  # the longest answer, the English refusal, is 25 tokens (t
 class MiniConfig:
     seed: int = 0
     languages: tuple = g.LANGUAGES  # of the pivot's text and of the evaluation
-    translated_share: float = 0.05  # of stage-2 conversations, split among `translated_languages`
+    # of stage-2 conversations, for each of `translated_languages` (all of them: this times their number). Each
+    # language gets as much as Chinese alone got in the two-language setting: 5% in total over six languages left
+    # them 12-19 points below English, 5% each 4-12 (docs/mpm-mini.md, "Runs D and E")
+    translated_share_per_language: float = 0.05
     # the share's languages: every non-English one. VisCPM's README: trained on English instructions only, the model
     # understands Chinese questions but answers in English; a little translated data aligns the reply language
     translated_languages: tuple = g.LANGUAGES[1:]
@@ -62,6 +65,10 @@ class MiniConfig:
     # of stage-2 conversations: a second round about the same image, asked in the first round's context (one-round
     # training left the README's second turn to luck: 棕色 for a red circle)
     two_round_share: float = 0.3
+    # of stage-2 yes / no questions, the share whose answer is yes (the slot names the image's own colour or shape);
+    # None keeps easy-vqa's own questions, 13% yes about the colour and 35% about the shape, which left the languages
+    # with little stage-2 data answering "no" to most questions whose answer is yes (docs/mpm-mini.md, "Runs D and E")
+    yes_share: float | None = 0.5
     train_images: int | None = None  # None: all of easy-vqa's training images
     eval_questions: int = 600  # per language, on held-out (test) images
     pivot_samples: int = 40000
@@ -363,6 +370,9 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
             captions.append({"image": paths[image_id], "caption": g.describe(language, **scenes[image_id])})
     (folder / "captions.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions), "utf-8")
 
+    if config.yes_share is not None:
+        questions = [with_yes_share(question, scenes, config.yes_share, rng) for question in questions]
+
     def turn(language: str, kind: str, slots: dict, answer: str) -> tuple[str, str, str]:
         question = g.fill(rng.choice(g.train_templates(language)[kind]), language, **slots)
         return language, g.half_surfaced(question, language, rng), g.answer_in(language, answer)
@@ -382,6 +392,12 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
     for image_id, kind, slots, question in questions:
         asked_of[image_id].append((kind, slots, question))
     shared = [language for language in config.translated_languages if language in config.languages]
+    translated_share = config.translated_share_per_language * len(shared)
+    if translated_share > 1:
+        raise ValueError(
+            f"translated_share_per_language={config.translated_share_per_language} over {len(shared)} languages is "
+            f"{translated_share:.0%} of the conversations: lower it to at most {1 / len(shared):.3f}"
+        )
     conversations, share, second_rounds = [], Counter(), 0
     for image_id, kind, slots, question in questions:
         if image_id not in chosen:
@@ -390,7 +406,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         turns = [asked_in("en", kind, slots, question, answer)]
         if system == "native":
             turns += [turn(language, kind, slots, answer) for language in config.languages if language != "en"]
-        elif shared and rng.random() < config.translated_share:
+        elif shared and rng.random() < translated_share:
             turns = [turn(rng.choice(shared), kind, slots, answer)]
         if rng.random() < config.refusal_share:
             language = rng.choice(["en", *(language for language in shared if language in g.REFUSALS)])
@@ -422,6 +438,24 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         "refusals": refused,
         "second_rounds": second_rounds,
     }
+
+
+def asked_value(scene: dict, slot: str, yes_share: float, rng: random.Random) -> str:
+    """The colour or shape a yes / no question names: the scene's own with probability `yes_share`, else another."""
+    if rng.random() < yes_share:
+        return scene[slot]
+    return rng.choice([value for value in (g.COLOURS if slot == "colour" else g.SHAPES) if value != scene[slot]])
+
+
+def with_yes_share(question: tuple, scenes: dict, yes_share: float, rng: random.Random) -> tuple:
+    """One of easy-vqa's questions `(image_id, kind, slots, English question)`; a yes / no one asked again, in one of
+    easy-vqa's phrasings, about the image's own colour or shape with probability `yes_share`."""
+    image_id, kind, slots, _ = question
+    if not kind.startswith("has_"):
+        return question
+    slot = kind.removeprefix("has_")
+    slots = {**slots, slot: asked_value(scenes[image_id], slot, yes_share, rng)}
+    return image_id, kind, slots, g.fill(rng.choice(g.EN_TEMPLATES[kind]), "en", **slots)
 
 
 def run_stage(
@@ -467,8 +501,7 @@ def balanced_items(config: MiniConfig, scenes, questions, rng: random.Random, co
         slots = {"colour": rng.choice(g.COLOURS), "shape": rng.choice(g.SHAPES)}
         if kind.startswith("has_"):
             slot = kind.removeprefix("has_")
-            others = [value for value in (g.COLOURS if slot == "colour" else g.SHAPES) if value != scene[slot]]
-            slots[slot] = scene[slot] if rng.random() < 0.5 else rng.choice(others)
+            slots[slot] = asked_value(scene, slot, 0.5, rng)
         elif kind == "shape":
             slots["colour"] = scene["colour"]  # "what is the <colour> shape?" names the shape's own colour
         else:
