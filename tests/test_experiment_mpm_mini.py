@@ -192,11 +192,10 @@ def test_stage_two_asks_second_questions_about_the_same_image_in_the_first_ones_
     assert turns[1].context.startswith("User: ") and turns[1].context.count("AI: ") == 1
 
 
-def test_a_translated_share_over_all_conversations_is_refused_with_the_largest_that_fits(tmp_path):
-    scenes, questions, paths = mpm_mini.load_world("train")
-    config = dataclasses.replace(mpm_mini.QUICK, train_images=20, translated_share_per_language=0.2)
+def test_a_translated_share_over_all_conversations_is_refused_with_the_largest_that_fits():
+    """When the config is made, before any data is written."""
     with pytest.raises(ValueError, match=r"120% of the conversations: lower it to at most 0\.167"):
-        mpm_mini.write_stage_data(tmp_path, config, "mpm", scenes, questions, paths)
+        dataclasses.replace(mpm_mini.QUICK, translated_share_per_language=0.2)
 
 
 def _yes_no_rounds(folder, scenes, questions, paths, yes_share) -> list[tuple[str, str, str]]:

@@ -94,6 +94,24 @@ class MiniConfig:
     # the same text, vocabulary and sizes
     pivots: tuple = PIVOTS
 
+    def __post_init__(self):
+        if self.translated_share > 1:
+            raise ValueError(
+                f"translated_share_per_language={self.translated_share_per_language} over "
+                f"{len(self.shared_languages)} languages is {self.translated_share:.0%} of the conversations: lower "
+                f"it to at most {1 / len(self.shared_languages):.3f}"
+            )
+
+    @property
+    def shared_languages(self) -> list[str]:
+        """The languages of stage 2's translated share: those of `translated_languages` the experiment covers."""
+        return [language for language in self.translated_languages if language in self.languages]
+
+    @property
+    def translated_share(self) -> float:
+        """The translated share of stage 2's conversations, all its languages together."""
+        return self.translated_share_per_language * len(self.shared_languages)
+
 
 CONFIG = MiniConfig()
 QUICK = MiniConfig(
@@ -391,13 +409,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
     asked_of = defaultdict(list)
     for image_id, kind, slots, question in questions:
         asked_of[image_id].append((kind, slots, question))
-    shared = [language for language in config.translated_languages if language in config.languages]
-    translated_share = config.translated_share_per_language * len(shared)
-    if translated_share > 1:
-        raise ValueError(
-            f"translated_share_per_language={config.translated_share_per_language} over {len(shared)} languages is "
-            f"{translated_share:.0%} of the conversations: lower it to at most {1 / len(shared):.3f}"
-        )
+    shared = config.shared_languages
     conversations, share, second_rounds = [], Counter(), 0
     for image_id, kind, slots, question in questions:
         if image_id not in chosen:
@@ -406,7 +418,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         turns = [asked_in("en", kind, slots, question, answer)]
         if system == "native":
             turns += [turn(language, kind, slots, answer) for language in config.languages if language != "en"]
-        elif shared and rng.random() < translated_share:
+        elif shared and rng.random() < config.translated_share:
             turns = [turn(rng.choice(shared), kind, slots, answer)]
         if rng.random() < config.refusal_share:
             language = rng.choice(["en", *(language for language in shared if language in g.REFUSALS)])
