@@ -212,10 +212,16 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             # diffusers would upload before the code is added
             raise ValueError("save first, then upload the folder (`huggingface_hub.upload_folder`)")
         if not remote_code:
-            # a component whose class viscpm registered for an Auto class (the tokenizer) would write its code too
+            # a component whose class viscpm registered for an Auto class (the tokenizer) would write its code too,
+            # and one loaded from a folder with code keeps that folder's `auto_map`, naming files this one lacks
             registered = [
                 component for component in self.components.values() if getattr(component, "_auto_class", None)
             ]
+            auto_maps = {
+                name: component.init_kwargs.pop("auto_map")
+                for name, component in self.components.items()
+                if "auto_map" in getattr(component, "init_kwargs", {})
+            }
             for part in registered:
                 part._auto_class = None
             try:
@@ -223,6 +229,8 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             finally:
                 for part in registered:
                     del part._auto_class
+                for name, auto_map in auto_maps.items():
+                    self.components[name].init_kwargs["auto_map"] = auto_map
             return
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)

@@ -47,6 +47,9 @@ def test_installed_default_holds_no_code_and_loads(tmp_path):
     results = {"systems": {"mpm": {"model": str(tmp_path / "trained")}}}
     installed = paint_mini.install_default(results, "mpm", tmp_path / "default")
     assert not list(installed.rglob("*.py")) and not (tmp_path / ".default.partial").exists()
+    # nor a pointer to code: the trained folder's tokenizer names its module in `auto_map`
+    assert "auto_map" in (tmp_path / "trained" / "tokenizer" / "tokenizer_config.json").read_text()
+    assert not [path for path in installed.rglob("*.json") if "auto_map" in path.read_text()]
     pipeline, trained = (VisCPMPaintPipeline.from_pretrained(folder) for folder in (installed, tmp_path / "trained"))
     for name in ("text_encoder", "unet", "vae"):
         expected = getattr(trained, name).state_dict()
