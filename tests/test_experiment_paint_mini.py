@@ -24,7 +24,7 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["systems"]) == set(paint_mini.SYSTEMS)
     for system, entry in results["systems"].items():
-        assert set(entry["accuracy"]) == {"en", "zh"} and entry["losses"]
+        assert set(entry["accuracy"]) == {"en", "zh", "zh_held_out"} and entry["losses"]
         assert all(0 <= value <= 1 for scores in entry["accuracy"].values() for value in scores.values())
         assert VisCPMPaintPipeline.from_pretrained(entry["model"]).unet.config.cross_attention_dim == 16
         assert (tmp_path / f"{system}.png").stat().st_size > 0
@@ -38,6 +38,35 @@ def test_scores_count_colour_and_shape_separately():
     expected = torch.tensor([red_circle] * 4)
     predicted = torch.tensor([red_circle, red_triangle, blue_circle, red_triangle])
     assert paint_mini.scores(predicted, expected) == {"colour": 0.75, "shape": 0.5, "both": 0.25}
+
+
+def test_held_out_scenes_leave_every_colour_and_shape_a_chinese_caption():
+    """One held-out scene per colour, and every colour and shape still in some captioned scene: what the held-out
+    Chinese prompts test is composing known words, not words never seen in Chinese."""
+    held_out = paint_mini.HELD_OUT_SCENES
+    assert sorted(colour for colour, _ in held_out) == sorted(g.COLOURS)
+    captioned = [scene for scene in paint_mini.SCENES if scene not in held_out]
+    assert {colour for colour, _ in captioned} == set(g.COLOURS) and {shape for _, shape in captioned} == set(g.SHAPES)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.5])
+def test_translated_captions_are_the_share_and_never_of_a_held_out_scene(tmp_path, share):
+    scenes = {index: {"colour": colour, "shape": shape} for index, (colour, shape) in enumerate(paint_mini.SCENES * 10)}
+    paths = {index: f"{index}.png" for index in scenes}
+    config = dataclasses.replace(paint_mini.CONFIG, translated_share=share)
+    counts = paint_mini.write_captions(tmp_path, scenes, paths, sorted(scenes), config)
+    records = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text("utf-8").splitlines()]
+    chinese = [r for r in records if r["caption"] != g.describe("en", **scenes[int(r["image"].split(".")[0])])]
+    assert counts == {"en": len(records) - len(chinese), "zh": len(chinese)} and len(chinese) == round(share * 240)
+    for record in chinese:
+        scene = scenes[int(record["image"].split(".")[0])]
+        assert record["caption"] == g.describe("zh", **scene)
+        assert (scene["colour"], scene["shape"]) not in paint_mini.HELD_OUT_SCENES
+
+
+def test_a_translated_share_above_half_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="held-out scenes"):
+        dataclasses.replace(paint_mini.CONFIG, translated_share=0.6)
 
 
 def test_installed_default_holds_no_code_and_loads(tmp_path):
