@@ -204,7 +204,7 @@ def _run_convert_paint(args: argparse.Namespace) -> int:
 def _quiet_libraries(verbose: bool):
     """For the commands that load a model to answer (chat, paint, serve, demo): transformers' weight-loading bars and
     advisory warnings (e.g. generation flags that greedy search ignores) are off unless --verbose. Long work keeps its
-    bars (paint steps, conversion, training). The previous settings come back afterwards."""
+    bars (conversion, training; paint's steps on a terminal: `_draw`). The previous settings come back afterwards."""
     if verbose:
         yield
         return
@@ -461,6 +461,8 @@ def _draw(args: argparse.Namespace) -> int:
 
     paths = _image_paths(args.output, args.num_images)
     pipeline = _load("pipeline", VisCPMPaintPipeline.from_pretrained, args.model)
+    # tqdm's `disable=None` hides the bar when stderr is not a terminal: a script or a pipe gets only the paths
+    pipeline.set_progress_bar_config(disable=False if args.verbose else None)
     height, width = budgets.paint_size(pipeline, args.height, args.width)
     try:
         budgets.check_paint_budget(
