@@ -56,6 +56,33 @@ def test_evaluation_phrasings_never_appear_in_stage_data(tmp_path, system):
         assert evaluation[language] and not {question for _, question, _ in evaluation[language]} & asked, language
 
 
+def test_the_european_translated_share_asks_each_kind_in_all_its_training_phrasings(tmp_path):
+    """With one phrasing per kind, a Qwen2 pivot tied the reply language to that sentence and answered unseen German
+    phrasings in English (docs/mpm-mini.md, "Run G")."""
+    config = dataclasses.replace(mpm_mini.QUICK, train_images=400, translated_share_per_language=0.08)
+    mpm_mini.write_stage_data(tmp_path, config, "mpm", *mpm_mini.load_world("train"))
+
+    def plain(question: str) -> str:  # as `g.half_surfaced` leaves it: first letter and final punctuation varied
+        return question[:1].lower() + question[1:].rstrip(g.FINAL_PUNCTUATION + " ")
+
+    asked = {
+        plain(turn["value"])
+        for record in json.loads((tmp_path / "vqa.json").read_text())
+        for turn in record["conversations"]
+        if turn["from"] == "human"
+    }
+    for language in g.EUROPEAN:
+        for kind, templates in g.TRAIN_TEMPLATES[language].items():
+            used = {
+                template
+                for template in templates
+                for colour in g.COLOURS
+                for shape in g.SHAPES
+                if plain(g.fill(template, language, colour, shape)) in asked
+            }
+            assert len(templates) >= 3 and used == set(templates), (language, kind, set(templates) - used)
+
+
 def test_the_languages_ask_the_same_items():
     """Each item is one image, kind and slots, asked in every language, with the answer in that language."""
     config = dataclasses.replace(mpm_mini.QUICK, eval_questions=60)
@@ -243,6 +270,16 @@ def test_without_a_yes_share_stage_two_asks_easy_vqas_own_questions(tmp_path):
     rounds = _yes_no_rounds(tmp_path, scenes, questions, paths, None)
     english = [answered for image, asked, answered in rounds if (image, asked) in own]
     assert len(english) > 300 and english.count("yes") / len(english) < 0.3
+
+
+def test_only_default_retrains_the_shipped_defaults_vocabulary_and_stage_two(tmp_path):
+    """A new word or character in any language's tables would renumber the shipped default's tokens; the seven
+    languages' longer stage 2 is not the default's; `QUICK`'s few steps stay few."""
+    vocabulary = mpm_mini.write_vocabulary(tmp_path / "vocab.txt").read_text("utf-8").splitlines()
+    assert vocabulary == (defaults.CHAT / "vocab.txt").read_text("utf-8").splitlines()
+    shipped = mpm_mini.shipped(mpm_mini.CONFIG)
+    assert shipped.stage2_steps == mpm_mini.SHIPPED_STAGE2_STEPS < mpm_mini.CONFIG.stage2_steps
+    assert mpm_mini.shipped(mpm_mini.QUICK).stage2_steps == mpm_mini.QUICK.stage2_steps
 
 
 def test_only_default_is_an_option_of_mpm_mini(capsys):

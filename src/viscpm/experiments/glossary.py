@@ -11,8 +11,8 @@ easy-vqa's world has three shapes, eight colours and yes / no; its English quest
 * `EN_DESCRIPTION` / `ZH_DESCRIPTION`: how a scene is written as text ("a red circle" / "一个红色的圆形"), for the
   pivot's text and the stage-1 captions.
 * German, French, Spanish, Italian and Portuguese (the paper's six-language claim, with English): `WORDS`,
-  `DESCRIPTIONS`, `TRAIN_TEMPLATES`, `EVAL_TEMPLATES` and `CAPTION_REQUESTS` per language, the same roles as the
-  Chinese tables.
+  `DESCRIPTIONS`, `TRAIN_TEMPLATES` (three phrasings per kind), `EVAL_TEMPLATES` and `CAPTION_REQUESTS` per
+  language, the same roles as the Chinese tables.
 
 Question kinds: `shape` (what shape), `colour` (what colour), `has_colour` (is there a <colour> shape: yes / no),
 `has_shape` (is there a <shape>: yes / no). easy-vqa's negated questions ("does the image not contain ...") have no
@@ -131,37 +131,56 @@ DESCRIPTIONS = {
     "pt": "um {shape} {colour}",
 }
 
+# Three phrasings per kind in each European language, built only from words the tables already had (the vocabulary
+# is unchanged). With one, a Qwen2 pivot tied the reply language to that one sentence: asked in an unseen German
+# phrasing, it answered in English (docs/mpm-mini.md, "Run G"). Chinese keeps its one, as the shipped default learnt it.
 TRAIN_TEMPLATES = {
     "zh": ZH_TRAIN_TEMPLATES,
     "de": {
-        "shape": ("Welche Form ist im Bild?",),
-        "colour": ("Welche Farbe hat die Form?",),
-        "has_colour": ("Ist die Form {colour}?",),
-        "has_shape": ("Ist im Bild ein {shape}?",),
+        "shape": ("Welche Form ist im Bild?", "Welche Figur ist im Bild?", "Was für eine Figur zeigt das Bild?"),
+        "colour": (
+            "Welche Farbe hat die Form?",
+            "Welche Farbe hat die Figur?",
+            "Was für eine Farbe hat die Form im Bild?",
+        ),
+        "has_colour": ("Ist die Form {colour}?", "Hat die Form die Farbe {colour}?", "Ist die Figur {colour}?"),
+        "has_shape": ("Ist im Bild ein {shape}?", "Ist die Figur ein {shape}?", "Ist im Bild die Form ein {shape}?"),
     },
     "fr": {
-        "shape": ("Quelle forme y a-t-il dans l'image ?",),
-        "colour": ("De quelle couleur est l'objet ?",),
-        "has_colour": ("L'objet est-il {colour} ?",),
-        "has_shape": ("Y a-t-il un {shape} dans l'image ?",),
+        "shape": (
+            "Quelle forme y a-t-il dans l'image ?",
+            "Quelle forme montre l'image ?",
+            "L'objet est de quelle forme ?",
+        ),
+        "colour": ("De quelle couleur est l'objet ?", "Quelle couleur a l'objet ?", "L'objet est de quelle couleur ?"),
+        "has_colour": (
+            "L'objet est-il {colour} ?",
+            "Dans l'image, l'objet est-il {colour} ?",
+            "L'objet est {colour} ?",
+        ),
+        "has_shape": (
+            "Y a-t-il un {shape} dans l'image ?",
+            "L'objet est-il un {shape} ?",
+            "Dans l'image, y a-t-il un {shape} ?",
+        ),
     },
     "es": {
-        "shape": ("¿Qué forma hay en la imagen?",),
-        "colour": ("¿De qué color es el objeto?",),
-        "has_colour": ("¿El objeto es {colour}?",),
-        "has_shape": ("¿Hay un {shape} en la imagen?",),
+        "shape": ("¿Qué forma hay en la imagen?", "¿Qué forma muestra la imagen?", "¿De qué forma es el objeto?"),
+        "colour": ("¿De qué color es el objeto?", "¿Qué color muestra la imagen?", "¿El objeto es de qué color?"),
+        "has_colour": ("¿El objeto es {colour}?", "¿En la imagen el objeto es {colour}?", "¿Es el objeto {colour}?"),
+        "has_shape": ("¿Hay un {shape} en la imagen?", "¿El objeto es un {shape}?", "¿Hay en la imagen un {shape}?"),
     },
     "it": {
-        "shape": ("Che forma c'è nell'immagine?",),
-        "colour": ("Di che colore è l'oggetto?",),
-        "has_colour": ("L'oggetto è {colour}?",),
-        "has_shape": ("C'è un {shape} nell'immagine?",),
+        "shape": ("Che forma c'è nell'immagine?", "Che forma mostra l'immagine?", "Di che forma è l'oggetto?"),
+        "colour": ("Di che colore è l'oggetto?", "Che colore mostra l'immagine?", "L'oggetto è di che colore?"),
+        "has_colour": ("L'oggetto è {colour}?", "L'oggetto è {colour} nell'immagine?", "È l'oggetto {colour}?"),
+        "has_shape": ("C'è un {shape} nell'immagine?", "È un {shape} l'oggetto?", "C'è un {shape}?"),
     },
     "pt": {
-        "shape": ("Que forma há na imagem?",),
-        "colour": ("De que cor é o objeto?",),
-        "has_colour": ("O objeto é {colour}?",),
-        "has_shape": ("Há um {shape} na imagem?",),
+        "shape": ("Que forma há na imagem?", "Que forma a imagem mostra?", "De que forma é o objeto?"),
+        "colour": ("De que cor é o objeto?", "Que cor a imagem mostra?", "O objeto é de que cor?"),
+        "has_colour": ("O objeto é {colour}?", "Há um objeto {colour} na imagem?", "É o objeto {colour}?"),
+        "has_shape": ("Há um {shape} na imagem?", "É um {shape} o objeto?", "Há na imagem um {shape}?"),
     },
 }
 EVAL_TEMPLATES = {
