@@ -633,10 +633,11 @@ def _add_experiment_parser(subcommands) -> None:
     experiment = subcommands.add_parser(
         "experiment",
         help="reproduce the MpM claim at toy scale (mpm-mini: Chat; paint-mini: Paint)",
-        description="mpm-mini: a tiny CPM-Bee pivot, VisCPM-Chat trained on English image data only, evaluated in "
-        "English and zero-shot in Chinese, against two baselines (docs/mpm-mini.md). paint-mini: the same pivot as "
-        "VisCPM-Paint's text encoder, trained on English captions only, drawing from English and Chinese prompts "
-        "(docs/paint-mini.md).",
+        description="mpm-mini: two tiny pivots (CPM-Bee and Qwen2) trained from scratch on text in seven languages, "
+        "VisCPM-Chat trained on each with English image data and a small translated share, evaluated on held-out "
+        "phrasings in English, Chinese, German, French, Spanish, Italian and Portuguese, against two baselines "
+        "(docs/mpm-mini.md). paint-mini: the CPM-Bee pivot as VisCPM-Paint's text encoder, trained on English "
+        "captions and a small share of Chinese ones, drawing from English and Chinese prompts (docs/paint-mini.md).",
     )
     experiment.add_argument("name", choices=("mpm-mini", "paint-mini"))
     experiment.add_argument("--output", type=Path, help="work and results folder (default: runs/NAME)")
