@@ -329,6 +329,20 @@ def test_distributed_deepspeed_refuses_staged_paint_unfreezing_and_names_the_fix
     assert load_config("paint", str(config), [f"training.deepspeed={ZERO[2]}"])["paint"]["unfreeze"]
 
 
+def test_deepspeed_with_its_own_optimizer_refuses_llm_learning_rate_and_names_the_fix(workspace, tmp_path):
+    """The pivot's own learning rate splits the Trainer's parameter groups; an optimizer from the DeepSpeed config
+    would train everything at one rate, silently."""
+    from viscpm.training.run import ConfigError, load_config, train
+
+    zero = json.loads(ZERO[2].read_text()) | {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    (tmp_path / "zero2-adamw.json").write_text(json.dumps(zero))
+    config = stage_config(workspace, "chat-sft", "own-optimizer", GLOBAL_BATCH // 2)
+    overrides = [f"training.deepspeed={tmp_path / 'zero2-adamw.json'}", "llm_learning_rate=1e-4"]
+    with pytest.raises(ConfigError, match="remove the `optimizer` section"):
+        train("chat-sft", load_config("chat-sft", str(config), overrides))
+    assert not (workspace / "own-optimizer").exists()
+
+
 @pytest.mark.parametrize("stage", ["chat-pretrain", "chat-sft-lora"])
 def test_gradient_accumulation_gives_the_step_of_the_whole_batch(workspace, references, stage):
     """2 micro-batches of 4 accumulate to the step of 1 batch of 8: the chat models normalise their loss by the

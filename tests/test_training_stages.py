@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from conftest import REPO_ROOT, chat_as_remote_code
-from tiny_models import tiny_chat, tiny_pipeline
+from tiny_models import tiny_chat, tiny_pipeline, tiny_pivot_chat
 from training_support import caption_source, chat_config, colour_image, falls, state, write_config
 from viscpm.cli import main
 from viscpm.training.run import ConfigError, latest_complete_checkpoint, load_config, train
@@ -75,6 +75,28 @@ def test_chat_sft_trains_everything_but_the_patch_embedding(tmp_path):
     trained = ["query", "mapping.0.weight", "vpm.encoder.layers.0.self_attn.q_proj.image.weight"]
     trained += [name for name in before if name.startswith("llm.model.encoder.")]
     assert all(not torch.equal(before[name], after[name]) for name in trained)
+
+
+@pytest.mark.parametrize("pivot", ["cpmbee", "qwen2"])
+def test_chat_sft_trains_the_pivot_at_its_own_learning_rate(tmp_path, pivot):
+    """`llm_learning_rate` a thousandth of the rest's: Adam moves a parameter by about its learning rate a step (at
+    most 3.2 times it with the default betas), so in four steps the pivot moves under 2e-4 where the rest moves by
+    hundredths; it still trains (does not stay frozen)."""
+    if pivot == "cpmbee":
+        folder = chat_folder(tmp_path)
+    else:
+        model, processor = tiny_pivot_chat(pivot)
+        folder = tmp_path / "tiny-qwen2-chat"
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    before = state(AutoModel.from_pretrained(folder))
+    entries = chat_config(tmp_path, folder, "sft", steps=4, llm_learning_rate=1e-5)
+    summary, _ = train("chat-sft", load_config("chat-sft", str(write_config(tmp_path / "c.yaml", **entries))))
+    after = state(AutoModel.from_pretrained(summary["saved"]))
+    moved = {name: (after[name] - before[name]).abs().max().item() for name in before}
+    pivot_moves = [change for name, change in moved.items() if name.startswith("llm.")]
+    assert pivot_moves and 0 < max(pivot_moves) < 2e-4, max(pivot_moves)
+    assert min(moved["query"], moved["mapping.0.weight"]) > 1e-3, moved
 
 
 @pytest.mark.parametrize("quantization", [None, "nf4"])
@@ -193,6 +215,12 @@ def test_config_errors_name_the_entry(tmp_path):
         load_config("chat-sft", None, ["output_dir=o"])
     with pytest.raises(ConfigError, match="chat-sft only"):
         load_config("chat-pretrain", None, ["model=m", "output_dir=o", "lora.r=4"])
+    with pytest.raises(ConfigError, match="keeps the pivot frozen"):
+        load_config("chat-pretrain", None, ["model=m", "output_dir=o", "llm_learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match="positive number"):
+        load_config("chat-sft", None, ["model=m", "output_dir=o", "llm_learning_rate=fast"])
+    with pytest.raises(ConfigError, match="Paint keeps its pivot frozen"):
+        load_config("paint", None, ["model=m", "output_dir=o", "llm_learning_rate=1e-4"])
     assert main(["train", "paint", "--config", str(tmp_path / "absent.yaml")]) == 2
 
 

@@ -11,6 +11,8 @@ The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any
       min_image_size: 0        images whose shorter side is under it are skipped (the original fine-tuning used 128)
       conversation_rounds: all all rounds of a conversation (the original kept only the first: `first`)
     tune_llm / tune_vision:    chat stages (defaults per stage below)
+    llm_learning_rate: null    chat stages: the pivot's own learning rate (its LoRA adapters' under `lora`); the
+                               vision side, queries and mapping keep training.learning_rate. null: the same for all
     lora: {r, alpha, dropout, target_modules, modules_to_save, quantization: null | nf4 | int8}   chat-sft only
     paint: {resolution, caption_dropout, token_dropout,
             unfreeze: [{step, train: [bridge | unet_cross_attention | unet]}, ...]}
@@ -27,6 +29,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ DEFAULTS = {
     "data": {"sources": [], "max_length": 512, "min_image_size": 0, "conversation_rounds": "all"},
     "tune_llm": None,
     "tune_vision": None,
+    "llm_learning_rate": None,
     "lora": None,
     "paint": {"resolution": 512, "caption_dropout": 0.1, "token_dropout": 0.0, "unfreeze": None},
     "training": {},
@@ -120,6 +125,7 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
             raise ConfigError(f"the config needs `{key}` (in the YAML, or --set {key}=...)")
     if config["lora"] is not None and stage != "chat-sft":
         raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
+    check_llm_learning_rate(stage, config)
     if stage == "paint" and config["training"].get("deepspeed") and len(config["paint"]["unfreeze"] or [0, 0]) > 1:
         # DeepSpeed's optimizer steps every parameter it was given, gradient or not: Adam's step count (and any
         # weight decay) would move the parts a stage keeps frozen, and a part would start late with a wrong step
@@ -130,6 +136,26 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
             "or train without DeepSpeed (DDP stages them in one run)"
         )
     return config
+
+
+def check_llm_learning_rate(stage: str, config: dict) -> None:
+    """`llm_learning_rate` as a float (YAML reads "2e-4", without a dot, as a string), where it can apply."""
+    rate = config["llm_learning_rate"]
+    if rate is None:
+        return
+    try:
+        number = float(rate) if not isinstance(rate, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number > 0 or math.isinf(number):
+        raise ConfigError(f"llm_learning_rate must be a positive number (e.g. 2e-4) or null, got {rate!r}")
+    config["llm_learning_rate"] = number
+    if stage == "paint":
+        raise ConfigError("llm_learning_rate applies to the chat stages: Paint keeps its pivot frozen")
+    if not config["tune_llm"] and config["lora"] is None:
+        raise ConfigError(
+            f"llm_learning_rate is set, but {stage} keeps the pivot frozen: set tune_llm: true, or leave it out"
+        )
 
 
 def training_arguments(config: dict):
@@ -286,6 +312,24 @@ def latest_complete_checkpoint(output: Path) -> Path | None:
     return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
+PIVOT_PARAMETER = re.compile(r"(^|\.)llm\.")  # VisCPM-Chat's pivot, wrapped or not (peft, FSDP, DeepSpeed)
+
+
+def give_the_pivot_its_learning_rate(optimizer, model, learning_rate: float) -> None:
+    """Every parameter group of `optimizer`, before its first step, split in two: the pivot's parameters at
+    `learning_rate`, and the rest as they were, first, so that the Trainer's logged learning rate stays theirs. The
+    schedule scales each group's own rate."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    groups = list(optimizer.param_groups)
+    optimizer.param_groups.clear()
+    for group in groups:
+        pivot = [parameter for parameter in group["params"] if PIVOT_PARAMETER.search(names[id(parameter)])]
+        rest = [parameter for parameter in group["params"] if not PIVOT_PARAMETER.search(names[id(parameter)])]
+        for parameters, rate in ((rest, group["lr"]), (pivot, learning_rate)):
+            if parameters:
+                optimizer.add_param_group({**group, "params": parameters, "lr": rate})
+
+
 def train(stage: str, config: dict, resume: bool = False):
     """Run one stage; returns the summary also written to `output_dir/run_summary.json`, and the data report."""
     from transformers import Trainer, TrainerCallback, set_seed
@@ -311,6 +355,23 @@ def train(stage: str, config: dict, resume: bool = False):
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: {output} holds no complete checkpoint-N folder to continue from")
     arguments = training_arguments(config)
+    llm_learning_rate = config["llm_learning_rate"]
+    if llm_learning_rate is not None and arguments.deepspeed and "optimizer" in arguments.hf_deepspeed_config.config:
+        raise ConfigError(
+            "llm_learning_rate needs the Trainer's optimizer, and the DeepSpeed config brings its own: remove the "
+            "`optimizer` section from the DeepSpeed config (the Trainer then builds it from `training:`)"
+        )
+
+    class VisCPMTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                super().create_optimizer(model)
+                if llm_learning_rate is not None:
+                    give_the_pivot_its_learning_rate(
+                        self.optimizer, self.model if model is None else model, llm_learning_rate
+                    )
+            return self.optimizer
+
     set_seed(config["seed"])
     if stage == "paint":
         model, saver, dataset, report, collator, callbacks = build_paint(config)
@@ -324,7 +385,9 @@ def train(stage: str, config: dict, resume: bool = False):
 
     steps = StepsRunHere()
     callbacks = [*callbacks, steps]
-    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer = VisCPMTrainer(
+        model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=callbacks
+    )
     if arguments.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigError(
             "training.fsdp is set, but accelerate did not enable FSDP: it does so for GPU (and other accelerator) "
