@@ -274,11 +274,12 @@ def test_without_a_yes_share_stage_two_asks_easy_vqas_own_questions(tmp_path):
 
 def test_only_default_retrains_the_shipped_defaults_vocabulary_and_stage_two(tmp_path):
     """A new word or character in any language's tables would renumber the shipped default's tokens; the seven
-    languages' longer stage 2 is not the default's; `QUICK`'s few steps stay few."""
+    languages' longer stage 2 is not the default's, nor is another pivot's rate; `QUICK`'s few steps stay few."""
     vocabulary = mpm_mini.write_vocabulary(tmp_path / "vocab.txt").read_text("utf-8").splitlines()
     assert vocabulary == (defaults.CHAT / "vocab.txt").read_text("utf-8").splitlines()
     shipped = mpm_mini.shipped(mpm_mini.CONFIG)
     assert shipped.stage2_steps == mpm_mini.SHIPPED_STAGE2_STEPS < mpm_mini.CONFIG.stage2_steps
+    assert shipped.stage2_pivot_learning_rates.get("cpmbee") is None  # the default's pivot tuned at learning_rate
     assert mpm_mini.shipped(mpm_mini.QUICK).stage2_steps == mpm_mini.QUICK.stage2_steps
 
 

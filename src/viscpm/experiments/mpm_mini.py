@@ -79,6 +79,9 @@ class MiniConfig:
     stage2_steps: int = 2500
     batch_size: int = 32
     learning_rate: float = 1e-3
+    # stage 2's rate for the pivot, by pivot kind (`viscpm train`'s llm_learning_rate; absent: learning_rate), the one
+    # of 1e-3, 5e-4 and 2e-4 under which stage 2's own training loss ends lowest (docs/mpm-mini.md, "Run H")
+    stage2_pivot_learning_rates: dict = field(default_factory=lambda: {"qwen2": 2e-4})
     text: dict = field(default_factory=lambda: dict(dim_model=128, num_heads=4, dim_head=32, dim_ff=384, num_layers=4))
     vision: dict = field(
         default_factory=lambda: dict(
@@ -644,6 +647,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
                 config.stage2_steps,
                 config,
                 work / "stage2",
+                llm_learning_rate=config.stage2_pivot_learning_rates.get(kind),
             )
             scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
             held_out = {language: accuracy(Path(stage2["saved"]), items) for language, items in paraphrases.items()}
