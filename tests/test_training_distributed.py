@@ -329,6 +329,21 @@ def test_distributed_deepspeed_refuses_staged_paint_unfreezing_and_names_the_fix
     assert load_config("paint", str(config), [f"training.deepspeed={ZERO[2]}"])["paint"]["unfreeze"]
 
 
+def test_deepspeed_keeps_the_pivots_own_learning_rate(workspace):
+    """ZeRO-2 flattens and partitions every parameter group apart: the pivot's, at a thousandth of the rest's rate,
+    moves under what Adam allows it in the run (3.2 times the rate a step, with the default betas) and still moves;
+    the rest moves by hundredths."""
+    config = stage_config(workspace, "chat-sft", "pivot-rate", GLOBAL_BATCH // 2)
+    overrides = ["--set", f"training.deepspeed={ZERO[2]}", "--set", "llm_learning_rate=1e-5"]
+    run(launch_command("chat-sft", config, 2, *overrides))
+    assert summary_of(workspace / "pivot-rate")["engine"] == "DeepSpeed ZeRO-2"
+    before, after = weights("chat-sft", workspace / "chat"), weights("chat-sft", workspace / "pivot-rate" / "final")
+    moved = {name: (after[name] - before[name]).abs().max().item() for name in before}
+    pivot_moves = [change for name, change in moved.items() if name.startswith("llm.")]
+    assert pivot_moves and 0 < max(pivot_moves) < 3.2 * 1e-5 * STEPS, max(pivot_moves)
+    assert min(moved["query"], moved["mapping.0.weight"]) > 1e-3, moved
+
+
 def test_deepspeed_with_its_own_optimizer_refuses_llm_learning_rate_and_names_the_fix(workspace, tmp_path):
     """The pivot's own learning rate splits the Trainer's parameter groups; an optimizer from the DeepSpeed config
     would train everything at one rate, silently."""
