@@ -129,6 +129,30 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
     assert "missing image (records [8]" in report.summary()
 
 
+@pytest.mark.parametrize("pivot", ["cpmbee", "qwen2"])
+def test_a_caption_source_asks_with_its_own_requests(tmp_path, pivot):
+    """Captions in a language the original has no requests for are asked for in that language; without
+    `caption_requests`, in English, or in Chinese for a Chinese caption."""
+    from tiny_models import tiny_pivot_chat
+    from viscpm.training.data import CAPTION_PROMPTS_EN, CAPTION_PROMPTS_ZH, ChatPrompts
+
+    _, processor = tiny_chat(tmp_path) if pivot == "cpmbee" else tiny_pivot_chat(pivot)
+    german = ["Beschreibe das Bild kurz", "Was zeigt das Bild?"]
+
+    def requests(prompts: ChatPrompts, caption: str) -> set[str]:
+        asked = [prompts(caption, random.Random(seed))[0] for seed in range(40)]
+        return {prompt["input"] if pivot == "cpmbee" else prompt.question for prompt in asked}
+
+    assert requests(ChatPrompts("caption", processor, german), "ein roter Kreis") == set(german)
+    assert requests(ChatPrompts("caption", processor), "ein roter Kreis") <= set(CAPTION_PROMPTS_EN)
+    assert requests(ChatPrompts("caption", processor), "一个红色的圆形") <= set(CAPTION_PROMPTS_ZH)
+    for bad in ("Beschreibe das Bild kurz", [], ["  "]):
+        with pytest.raises(ValueError, match="caption_requests must be a non-empty list"):
+            SourceSpec(path="captions.jsonl", caption_requests=bad)
+    with pytest.raises(ValueError, match="on a conversation source"):
+        SourceSpec(path="chat.json", kind="conversation", caption_requests=german)
+
+
 def test_conversations_give_one_sample_per_round_and_skip_malformed_ones(tmp_path):
     _, processor = tiny_chat(tmp_path)
     from viscpm.training.data import ChatPrompts

@@ -297,7 +297,14 @@ def train_paint(config: PaintMiniConfig, model: Path, captions: Path, output: Pa
         "unfreeze": [{"step": 0, "train": ["bridge", "unet"]}],
     }
     return mpm_mini.run_stage(
-        "paint", model, captions, "caption", config.paint_steps, config, output, paint=paint, max_length=32
+        "paint",
+        model,
+        [{"path": str(captions), "kind": "caption"}],
+        config.paint_steps,
+        config,
+        output,
+        paint=paint,
+        max_length=32,
     )
 
 

@@ -5,8 +5,9 @@ Two record kinds, each read from jsonl / json / csv / parquet files (an image pa
 or webdataset `.tar` shards:
 
 * **caption**: an image and its caption (stage 1, and Paint). The prompt is the original's: a caption request drawn
-  from `CAPTION_PROMPTS_EN` (or `_ZH` for a Chinese caption) and the caption as the answer. Captions joined by
-  `<cap_sep>` are alternatives: one is drawn per record.
+  from `CAPTION_PROMPTS_EN` (or `_ZH` for a Chinese caption), or from the source's own `caption_requests` (captions
+  in another language), and the caption as the answer. Captions joined by `<cap_sep>` are alternatives: one is drawn
+  per record.
 * **conversation**: an image and a LLaVA-style conversation (`[{"from": "human", "value": ...}, {"from": "gpt", ...}]`,
   the layout of LLaVA-Instruct-150K and its translated variants). Round i becomes one sample whose `context` holds
   the earlier rounds as `User: ...\\nAI: ...\\n`, as the original item builder writes them; questions lose their
@@ -88,6 +89,9 @@ class SourceSpec:
         Defaults: `image` and `caption` (`conversations` for conversations); webdataset shards: `jpg` / `png` and
         `txt` / `json`, whichever the shard has.
     weight: the source's share of the mixture (normalised over all sources).
+    caption_requests: what a caption of this source is asked with, one drawn per record (captions in a language
+        other than English or Chinese: requests in that language). Default: the original's English requests, or
+        its Chinese ones for a caption in Chinese characters.
     """
 
     path: str
@@ -97,12 +101,24 @@ class SourceSpec:
     image_root: str | None = None
     weight: float = 1.0
     name: str | None = None
+    caption_requests: list[str] | None = None
 
     def __post_init__(self):
         if self.kind not in RECORD_KINDS:
             raise ValueError(f"data source {self.path!r}: kind must be one of {RECORD_KINDS}, got {self.kind!r}")
         if not self.weight > 0:
             raise ValueError(f"data source {self.path!r}: weight must be positive, got {self.weight}")
+        requests = self.caption_requests
+        if requests is not None and (
+            self.kind != "caption"
+            or isinstance(requests, str)
+            or not requests
+            or not all(isinstance(request, str) and request.strip() for request in requests)
+        ):
+            raise ValueError(
+                f"data source {self.path!r}: caption_requests must be a non-empty list of requests (strings) in the "
+                f"captions' language, on a caption source; got {requests!r} on a {self.kind} source"
+            )
         self.name = self.name or Path(self.path).stem
 
 
@@ -240,19 +256,27 @@ class Turn:
     context: str = ""
 
 
-def caption_request(caption: str, rng: random.Random) -> str:
-    """One of the original's caption requests, in the caption's language."""
-    return rng.choice(CAPTION_PROMPTS_ZH if CHINESE_CHARACTER.search(caption) else CAPTION_PROMPTS_EN)
+def caption_request(caption: str, rng: random.Random, requests: Sequence[str] | None = None) -> str:
+    """One of `requests`, or of the original's caption requests in the caption's language."""
+    if requests is None:
+        requests = CAPTION_PROMPTS_ZH if CHINESE_CHARACTER.search(caption) else CAPTION_PROMPTS_EN
+    return rng.choice(requests)
 
 
-def caption_prompts(caption: Any, rng: random.Random, query_num: int, tokenizer: CpmBeeTokenizer) -> list[dict]:
-    """The original item builder's caption sample: a caption request in the caption's language, the caption as the
+def caption_prompts(
+    caption: Any,
+    rng: random.Random,
+    query_num: int,
+    tokenizer: CpmBeeTokenizer,
+    requests: Sequence[str] | None = None,
+) -> list[dict]:
+    """The original item builder's caption sample: a caption request (`caption_request`), the caption as the
     answer."""
     caption = pick_caption(caption, rng)
     return [
         {
             "image": tokenizer.unk_token * query_num,
-            "input": caption_request(caption, rng),
+            "input": caption_request(caption, rng, requests),
             "<ans>": tokenizer.escape(caption),
         }
     ]
@@ -299,15 +323,18 @@ class ChatPrompts:
 
     kind: str
     processor: Any  # VisCPMChatProcessor
+    caption_requests: Sequence[str] | None = None  # the source's own (`SourceSpec.caption_requests`)
 
     def __call__(self, text: Any, rng: random.Random) -> list[dict] | list[Turn]:
         if self.processor.pivot_is_cpmbee:
             if self.kind == "caption":
-                return caption_prompts(text, rng, self.processor.query_num, self.processor.tokenizer)
+                return caption_prompts(
+                    text, rng, self.processor.query_num, self.processor.tokenizer, self.caption_requests
+                )
             return conversation_prompts(text, self.processor)
         if self.kind == "caption":
             caption = pick_caption(text, rng)
-            return [Turn(caption_request(caption, rng), caption)]
+            return [Turn(caption_request(caption, rng, self.caption_requests), caption)]
         return conversation_turns(text)
 
 

@@ -6,7 +6,7 @@ The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any
     output_dir: DIR            checkpoints (checkpoint-N/), the final model, data_summary.json
     seed: 0
     data:                      sources and how records become samples (see viscpm.training.data)
-      sources: [{path, kind, image_column, text_column, image_root, weight, name}, ...]
+      sources: [{path, kind, image_column, text_column, image_root, weight, name, caption_requests}, ...]
       max_length: 512          samples over it are skipped (and counted)
       min_image_size: 0        images whose shorter side is under it are skipped (the original fine-tuning used 128)
       conversation_rounds: all all rounds of a conversation (the original kept only the first: `first`)
@@ -181,7 +181,7 @@ def source_specs(config: dict):
             raise ConfigError(f"data.sources[{index}] needs at least a `path`")
         try:
             specs.append(SourceSpec(**source))
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise ConfigError(f"data.sources[{index}]: {error}") from None
     return specs
 
@@ -210,7 +210,7 @@ def build_chat(stage: str, config: dict, arguments):
     dataset, report = build_training_data(
         source_specs(config),
         chat_samples(processor, data["max_length"]),
-        lambda spec: ChatPrompts(spec.kind, processor),
+        lambda spec: ChatPrompts(spec.kind, processor, spec.caption_requests),
         min_image_size=data["min_image_size"],
         rounds=data["conversation_rounds"],
         seed=config["seed"],
