@@ -126,6 +126,9 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
     if config["lora"] is not None and stage != "chat-sft":
         raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
     check_llm_learning_rate(stage, config)
+    sources = config["data"]["sources"]
+    if stage == "paint" and any(isinstance(source, dict) and source.get("caption_requests") for source in sources):
+        raise ConfigError("caption_requests: Paint's prompt is the caption alone, asked with no request; leave it out")
     if stage == "paint" and config["training"].get("deepspeed") and len(config["paint"]["unfreeze"] or [0, 0]) > 1:
         # DeepSpeed's optimizer steps every parameter it was given, gradient or not: Adam's step count (and any
         # weight decay) would move the parts a stage keeps frozen, and a part would start late with a wrong step
