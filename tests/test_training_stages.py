@@ -24,9 +24,10 @@ from viscpm.training.run import ConfigError, latest_complete_checkpoint, load_co
 # ---------------------------------------------------------------- stages on tiny models
 
 
-def chat_folder(tmp_path: Path) -> Path:
-    model, processor = tiny_chat(tmp_path)
-    folder = tmp_path / "tiny-chat"
+def chat_folder(tmp_path: Path, pivot: str = "cpmbee") -> Path:
+    """A tiny random VisCPM-Chat saved with its processor: on CPM-Bee, or on a tiny pivot of that kind."""
+    model, processor = tiny_chat(tmp_path) if pivot == "cpmbee" else tiny_pivot_chat(pivot)
+    folder = tmp_path / f"tiny-{pivot}-chat"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -82,13 +83,7 @@ def test_chat_sft_trains_the_pivot_at_its_own_learning_rate(tmp_path, pivot):
     """`llm_learning_rate` a thousandth of the rest's: Adam moves a parameter by about its learning rate a step (at
     most 3.2 times it with the default betas), so in four steps the pivot moves under 2e-4 where the rest moves by
     hundredths; it still trains (does not stay frozen)."""
-    if pivot == "cpmbee":
-        folder = chat_folder(tmp_path)
-    else:
-        model, processor = tiny_pivot_chat(pivot)
-        folder = tmp_path / "tiny-qwen2-chat"
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+    folder = chat_folder(tmp_path, pivot)
     before = state(AutoModel.from_pretrained(folder))
     entries = chat_config(tmp_path, folder, "sft", steps=4, llm_learning_rate=1e-5)
     summary, _ = train("chat-sft", load_config("chat-sft", str(write_config(tmp_path / "c.yaml", **entries))))

@@ -400,7 +400,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
     for language in caption_languages(config, system):
         records = [{"image": paths[i], "caption": g.describe(language, **scenes[i])} for i in image_ids]
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        (folder / f"captions-{language}.jsonl").write_text(text, "utf-8")
+        caption_file(folder, language).write_text(text, "utf-8")
         captions += len(records)
 
     if config.yes_share is not None:
@@ -472,13 +472,17 @@ def caption_languages(config: MiniConfig, system: str) -> tuple[str, ...]:
     return tuple(config.languages) if system == "native" else ("en",)
 
 
+def caption_file(folder: Path, language: str) -> Path:
+    return folder / f"captions-{language}.jsonl"
+
+
 def caption_sources(folder: Path, config: MiniConfig, system: str) -> list[dict]:
     """Stage 1's sources, one per caption language of `write_stage_data`, equally weighted. Each is asked for in its
     own language: the original's English or Chinese requests, the glossary's for the others (with English requests
     the native baseline's German captions could not be told from its French ones, and its stage 1 ended at a loss of
     1.15 where the others end near 0.03)."""
     return [
-        {"path": str(folder / f"captions-{language}.jsonl"), "kind": "caption"}
+        {"path": str(caption_file(folder, language)), "kind": "caption"}
         | ({"caption_requests": list(g.CAPTION_REQUESTS[language])} if language in g.CAPTION_REQUESTS else {})
         for language in caption_languages(config, system)
     ]

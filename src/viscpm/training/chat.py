@@ -23,6 +23,27 @@ def is_vision_expert(name: str) -> bool:
     return ".image." in f".{name}" or name.startswith("embeddings.image_position_embedding")
 
 
+def is_pivot_parameter(name: str) -> bool:
+    """A parameter of VisCPM-Chat's pivot (`llm`), under any wrapper's prefix (peft, FSDP)."""
+    return name.startswith("llm.") or ".llm." in name
+
+
+def give_the_pivot_its_learning_rate(optimizer: torch.optim.Optimizer, model: nn.Module, learning_rate: float) -> None:
+    """Every parameter group of `optimizer`, before its first step, split in two: the pivot's parameters at
+    `learning_rate`, and the rest as they were, first, so that the Trainer's logged learning rate stays theirs. The
+    schedule scales each group's own rate."""
+    pivot = {id(parameter) for name, parameter in model.named_parameters() if is_pivot_parameter(name)}
+    groups = list(optimizer.param_groups)
+    optimizer.param_groups.clear()
+    for group in groups:
+        split = {False: [], True: []}
+        for parameter in group["params"]:
+            split[id(parameter) in pivot].append(parameter)
+        for parameters, rate in ((split[False], group["lr"]), (split[True], learning_rate)):
+            if parameters:
+                optimizer.add_param_group({**group, "params": parameters, "lr": rate})
+
+
 def set_chat_trainable(model: nn.Module, tune_llm: bool, tune_vision: bool) -> None:
     model.requires_grad_(True)
     model.vpm.embeddings.patch_embedding.requires_grad_(False)

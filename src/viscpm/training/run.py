@@ -30,7 +30,6 @@ import copy
 import json
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -315,24 +314,6 @@ def latest_complete_checkpoint(output: Path) -> Path | None:
     return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
-PIVOT_PARAMETER = re.compile(r"(^|\.)llm\.")  # VisCPM-Chat's pivot, wrapped or not (peft, FSDP, DeepSpeed)
-
-
-def give_the_pivot_its_learning_rate(optimizer, model, learning_rate: float) -> None:
-    """Every parameter group of `optimizer`, before its first step, split in two: the pivot's parameters at
-    `learning_rate`, and the rest as they were, first, so that the Trainer's logged learning rate stays theirs. The
-    schedule scales each group's own rate."""
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
-    groups = list(optimizer.param_groups)
-    optimizer.param_groups.clear()
-    for group in groups:
-        pivot = [parameter for parameter in group["params"] if PIVOT_PARAMETER.search(names[id(parameter)])]
-        rest = [parameter for parameter in group["params"] if not PIVOT_PARAMETER.search(names[id(parameter)])]
-        for parameters, rate in ((rest, group["lr"]), (pivot, learning_rate)):
-            if parameters:
-                optimizer.add_param_group({**group, "params": parameters, "lr": rate})
-
-
 def train(stage: str, config: dict, resume: bool = False):
     """Run one stage; returns the summary also written to `output_dir/run_summary.json`, and the data report."""
     from transformers import Trainer, TrainerCallback, set_seed
@@ -364,6 +345,8 @@ def train(stage: str, config: dict, resume: bool = False):
             "llm_learning_rate needs the Trainer's optimizer, and the DeepSpeed config brings its own: remove the "
             "`optimizer` section from the DeepSpeed config (the Trainer then builds it from `training:`)"
         )
+
+    from .chat import give_the_pivot_its_learning_rate
 
     class VisCPMTrainer(Trainer):
         def create_optimizer(self, model=None):
