@@ -1,5 +1,6 @@
 """mpm-mini: the experiment's pipeline in a few steps, its glossary, and the shipped default model."""
 
+import argparse
 import dataclasses
 import json
 import random
@@ -10,7 +11,7 @@ import torch
 
 from conftest import REPO_ROOT
 from viscpm import defaults
-from viscpm.cli import main
+from viscpm.cli import build_parser, main
 from viscpm.experiments import glossary as g
 from viscpm.experiments import mpm_mini
 
@@ -286,6 +287,39 @@ def test_only_default_retrains_the_shipped_defaults_vocabulary_and_stage_two(tmp
 def test_only_default_is_an_option_of_mpm_mini(capsys):
     assert main(["experiment", "paint-mini", "--only-default", "--quick"]) == 2
     assert "--only-default" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (["paint-mini", "--pivots", "qwen2"], "--pivots is an option of mpm-mini only"),
+        (["paint-mini", "--systems", "mpm"], "--systems is an option of mpm-mini only"),
+        (["mpm-mini", "--only-default", "--pivots", "qwen2"], "leave out --pivots and --systems"),
+        (["mpm-mini", "--install-default", "--pivots", "qwen2"], "include mpm and cpmbee"),
+        (["mpm-mini", "--install-default", "--systems", "native"], "include mpm and cpmbee"),
+        (["mpm-mini", "--systems", "mpm", "bilingual"], "invalid choice: 'bilingual'"),
+    ],
+)
+def test_a_part_of_mpm_mini_is_refused_before_anything_trains(arguments, named, tmp_path, capsys):
+    """--install-default would otherwise find no CPM-Bee mpm model to install after hours of training."""
+    assert main(["experiment", *arguments, "--quick", "--output", str(tmp_path / "run")]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_offers_every_pivot_and_system():
+    parser = build_parser()
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    options = {action.dest: action.choices for action in subcommands.choices["experiment"]._actions}
+    assert tuple(options["pivots"]) == mpm_mini.PIVOTS and tuple(options["systems"]) == mpm_mini.SYSTEMS
+
+
+def test_quick_run_of_a_part_in_the_order_asked(tmp_path, capsys):
+    arguments = ["--pivots", "qwen2", "--systems", "native", "mpm", "native", "--output", str(tmp_path)]
+    assert main(["experiment", "mpm-mini", "--quick", *arguments]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["systems"]) == ["native (qwen2)", "mpm (qwen2)"]
+    assert results["config"]["pivots"] == ["qwen2"] and "| mpm (qwen2) |" in capsys.readouterr().out
 
 
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
