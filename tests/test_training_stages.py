@@ -214,8 +214,12 @@ def test_config_errors_name_the_entry(tmp_path):
         load_config("chat-pretrain", None, ["model=m", "output_dir=o", "llm_learning_rate=1e-4"])
     with pytest.raises(ConfigError, match="positive number"):
         load_config("chat-sft", None, ["model=m", "output_dir=o", "llm_learning_rate=fast"])
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("")
     with pytest.raises(ConfigError, match="Paint's prompt is the caption alone"):
-        load_config("paint", None, ["model=m", "output_dir=o", "data.sources=[{path: c.jsonl, caption_requests: [a]}]"])
+        load_config(
+            "paint", None, ["model=m", "output_dir=o", f"data.sources=[{{path: {captions}, caption_requests: [a]}}]"]
+        )
     with pytest.raises(ConfigError, match=r"data.sources\[0\]: .*caption_requests must be a non-empty list"):
         source_specs(
             load_config(
@@ -227,6 +231,26 @@ def test_config_errors_name_the_entry(tmp_path):
     with pytest.raises(ConfigError, match="Paint keeps its pivot frozen"):
         load_config("paint", None, ["model=m", "output_dir=o", "llm_learning_rate=1e-4"])
     assert main(["train", "paint", "--config", str(tmp_path / "absent.yaml")]) == 2
+
+
+@pytest.mark.parametrize(
+    "sources, named",
+    [
+        ("[]", "data.sources must be a non-empty list"),
+        ("{path: captions.jsonl}", "data.sources must be a non-empty list"),
+        ("[{path: absent.jsonl}]", "data.sources[0]: data source 'absent.jsonl' does not exist"),
+        ("[{path: 'shards/*.tar'}]", "data.sources[0]: data source 'shards/*.tar' matches no file"),
+        ("[{path: captions.txt}]", "unknown file type '.txt'"),
+    ],
+)
+def test_a_wrong_data_source_is_named_before_the_model_loads(sources, named, tmp_path, monkeypatch, capsys):
+    """The model named does not exist either: the error is the source's, found before any loading."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "captions.txt").write_text("a red circle\n")
+    overrides = ["model=absent-model", "output_dir=run", f"data.sources={sources}"]
+    assert main(["train", "chat-pretrain", *(f"--set={override}" for override in overrides)]) == 2
+    error = capsys.readouterr().err
+    assert named in error and "absent-model" not in error and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

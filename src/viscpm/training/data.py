@@ -23,6 +23,7 @@ as bytes, and decoded again into pixels only when a batch is collated.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import random
@@ -119,6 +120,7 @@ class SourceSpec:
                 f"data source {self.path!r}: caption_requests must be a non-empty list of requests (strings) in the "
                 f"captions' language, on a caption source; got {requests!r} on a {self.kind} source"
             )
+        _builder_and_files(self.path)  # a config's missing file or unknown type is reported before any training
         self.name = self.name or Path(self.path).stem
 
 
@@ -168,6 +170,8 @@ def _builder_and_files(path: str) -> tuple[str, list[str] | str]:
         )
     if "*" not in path and not Path(path).exists():
         raise FileNotFoundError(f"data source {path!r} does not exist")
+    if "*" in path and "://" not in path and not glob.glob(path, recursive=True):
+        raise FileNotFoundError(f"data source {path!r} matches no file")
     return builders[suffix], path
 
 

@@ -125,8 +125,8 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
     if config["lora"] is not None and stage != "chat-sft":
         raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
     check_llm_learning_rate(stage, config)
-    sources = config["data"]["sources"]
-    if stage == "paint" and any(isinstance(source, dict) and source.get("caption_requests") for source in sources):
+    specs = source_specs(config)  # here, before a model loads: a wrong source costs no loading time
+    if stage == "paint" and any(spec.caption_requests for spec in specs):
         raise ConfigError("caption_requests: Paint's prompt is the caption alone, asked with no request; leave it out")
     if stage == "paint" and config["training"].get("deepspeed") and len(config["paint"]["unfreeze"] or [0, 0]) > 1:
         # DeepSpeed's optimizer steps every parameter it was given, gradient or not: Adam's step count (and any
@@ -177,13 +177,19 @@ def training_arguments(config: dict):
 def source_specs(config: dict):
     from .data import SourceSpec
 
+    sources = config["data"]["sources"]
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError(
+            f"data.sources must be a non-empty list of sources, e.g. [{{path: captions.jsonl, kind: caption}}]; got "
+            f"{sources!r}"
+        )
     specs = []
-    for index, source in enumerate(config["data"]["sources"]):
+    for index, source in enumerate(sources):
         if not isinstance(source, dict) or "path" not in source:
             raise ConfigError(f"data.sources[{index}] needs at least a `path`")
         try:
             specs.append(SourceSpec(**source))
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, FileNotFoundError) as error:
             raise ConfigError(f"data.sources[{index}]: {error}") from None
     return specs
 
