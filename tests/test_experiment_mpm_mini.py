@@ -314,12 +314,23 @@ def test_the_command_line_offers_every_pivot_and_system():
     assert tuple(options["pivots"]) == mpm_mini.PIVOTS and tuple(options["systems"]) == mpm_mini.SYSTEMS
 
 
-def test_quick_run_of_a_part_in_the_order_asked(tmp_path, capsys):
-    arguments = ["--pivots", "qwen2", "--systems", "native", "mpm", "native", "--output", str(tmp_path)]
-    assert main(["experiment", "mpm-mini", "--quick", *arguments]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results["systems"]) == ["native (qwen2)", "mpm (qwen2)"]
-    assert results["config"]["pivots"] == ["qwen2"] and "| mpm (qwen2) |" in capsys.readouterr().out
+def test_quick_runs_of_parts_make_one_table(tmp_path, capsys):
+    """Each part in the order asked; a later part of the same recipe adds its rows to the earlier parts', and a
+    part of another recipe (here another seed) starts a new table."""
+
+    def part(*arguments):
+        assert main(["experiment", "mpm-mini", "--quick", *arguments, "--output", str(tmp_path)]) == 0
+        return json.loads((tmp_path / "results.json").read_text())
+
+    results = part("--pivots", "qwen2", "--systems", "native", "mpm", "native")
+    assert list(results["systems"]) == ["native (qwen2)", "mpm (qwen2)"] and results["config"]["pivots"] == ["qwen2"]
+    first = results["systems"]["native (qwen2)"]
+    results = part("--pivots", "cpmbee", "--systems", "mpm")
+    assert list(results["systems"]) == ["native (qwen2)", "mpm (qwen2)", "mpm"]
+    assert results["config"]["pivots"] == ["qwen2", "cpmbee"] and results["config"]["systems"] == ["native", "mpm"]
+    assert results["systems"]["native (qwen2)"] == first
+    assert "| native (qwen2) |" in (tmp_path / "table.md").read_text() and "| mpm |" in capsys.readouterr().out
+    assert list(part("--seed", "1", "--pivots", "cpmbee", "--systems", "mpm")["systems"]) == ["mpm"]
 
 
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):

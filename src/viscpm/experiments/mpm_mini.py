@@ -628,7 +628,10 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     tokenizers["qwen2"] = qwen2_tokenizer(vocab.read_text("utf-8").splitlines())
     evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
     paraphrases = paraphrase_set(config, test_scenes, test_questions, test_paths)
-    results = {"config": asdict(config), "vocab_size": tokenizers["cpmbee"].vocab_size, "systems": {}}
+    earlier = earlier_parts(output, config)
+    results = {"config": asdict(config), "vocab_size": tokenizers["cpmbee"].vocab_size, "systems": earlier["systems"]}
+    for part in ("pivots", "systems"):  # what the table covers: this part and the earlier ones
+        results["config"][part] = list(dict.fromkeys([*earlier["config"][part], *results["config"][part]]))
     results["split"] = {
         "train_images": config.train_images or len(train_scenes),
         "test_images": len(test_scenes),
@@ -682,6 +685,23 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     results["seconds"] = round(time.perf_counter() - started)
     (output / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", "utf-8")
     return results
+
+
+def earlier_parts(output: Path, config: MiniConfig) -> dict:
+    """What an earlier run of the same recipe (every setting alike but `pivots` and `systems`) left in `output`'s
+    `results.json`: a part of the experiment (`--pivots`, `--systems`) adds its rows to the earlier parts' table, and
+    a rerun system replaces its row. Another recipe's results are replaced, as its models are."""
+    parts = ("pivots", "systems")
+    nothing = {"config": {part: [] for part in parts}, "systems": {}}
+    as_saved = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
+    recipe = {key: value for key, value in as_saved.items() if key not in parts}
+    try:
+        earlier = json.loads((output / "results.json").read_text("utf-8"))
+        if {key: value for key, value in earlier["config"].items() if key not in parts} != recipe:
+            return nothing
+        return {"config": {part: list(earlier["config"][part]) for part in parts}, "systems": dict(earlier["systems"])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none yet, or not this experiment's results
+        return nothing
 
 
 def report_table(results: dict) -> str:
