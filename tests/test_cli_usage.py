@@ -4,6 +4,7 @@ no command line that ends in a traceback (fuzzed).
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,14 @@ def test_only_a_missing_module_is_reported_as_a_missing_extra():
     with pytest.raises(ImportError, match="cannot import name 'no_such_name'"):  # installed, another version
         with needs_extra("training", "train"):
             from json import no_such_name  # noqa: F401
+
+
+@pytest.mark.parametrize("name", ["mpm-mini", "paint-mini"])
+def test_an_experiment_without_its_extra_says_so_and_leaves_no_folder(capsys, monkeypatch, tmp_path, name):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # `import easy_vqa` fails as if it were not installed
+    code, _, err = run_cli(capsys, "experiment", name, "--quick", "--output", str(tmp_path / "run"))
+    assert code == 2 and "needs the experiment extra (easy_vqa is missing)" in err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------ careless input (issue 16)

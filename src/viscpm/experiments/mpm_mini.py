@@ -620,9 +620,9 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
     started = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    train_scenes, train_questions, train_paths = load_world("train")
+    train_scenes, train_questions, train_paths = load_world("train")  # without easy-vqa: an error, and no folder
     test_scenes, test_questions, test_paths = load_world("test")
+    output.mkdir(parents=True, exist_ok=True)
     vocab = write_vocabulary(output / "vocab.txt")
     tokenizers = {"cpmbee": CpmBeeTokenizer(vocab_file=str(vocab))}
     tokenizers["qwen2"] = qwen2_tokenizer(vocab.read_text("utf-8").splitlines())

@@ -376,12 +376,12 @@ def run(output: Path, config: PaintMiniConfig, log=mpm_mini.PROGRESS) -> dict:
     def progress(message: str) -> None:
         log(f"[{time.perf_counter() - started:5.0f} s] {message}")
 
-    output.mkdir(parents=True, exist_ok=True)
-    tokenizer = CpmBeeTokenizer(vocab_file=str(mpm_mini.write_vocabulary(output / "vocab.txt")))
-    train_ids, train_pixels, train_labels, scenes, paths = labelled_images(
+    train_ids, train_pixels, train_labels, scenes, paths = labelled_images(  # without easy-vqa: an error, no folder
         "train", config.resolution, config.train_images, config.seed
     )
     _, test_pixels, test_labels, _, _ = labelled_images("test", config.resolution)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = CpmBeeTokenizer(vocab_file=str(mpm_mini.write_vocabulary(output / "vocab.txt")))
     progress(f"VAE on {len(train_ids)} training images at {config.resolution} px")
     vae, vae_report = train_vae(config, train_pixels, log)
     vae_losses = vae_report.pop("losses")
