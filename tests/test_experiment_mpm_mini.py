@@ -342,6 +342,9 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
         assert set(entry["accuracy"]) == set(g.LANGUAGES) and all(0 <= v <= 1 for v in entry["accuracy"].values())
         assert entry["losses"]["stage2"]
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and "| mpm |" in capsys.readouterr().out
+    # a logged loss per step at QUICK's few steps: the native system's stage 1, on captions in every language, is longer
+    stage1 = {name: len(entry["losses"]["stage1"]) for name, entry in results["systems"].items()}
+    assert stage1["native"] == mpm_mini.QUICK.native_stage1_scale * stage1["mpm"] > stage1["mpm"], stage1
 
 
 def test_shipped_default_answers_held_out_questions_in_both_languages():

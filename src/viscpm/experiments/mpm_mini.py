@@ -74,6 +74,10 @@ class MiniConfig:
     pivot_samples: int = 40000
     pivot_steps: int = 8000  # 4,000 left colour yes / no at chance (docs/mpm-mini.md, "The 4,000-step pivot ...")
     stage1_steps: int = 2000
+    # the native system's stage 1 runs this many times stage1_steps: its captions come in every language, and at
+    # 2,000 steps one run's loss had not left its plateau (0.17, the shapes unlearnt) before the cosine schedule
+    # decayed; 4,000 took the same start to 0.033 (docs/mpm-mini.md, "Run I")
+    native_stage1_scale: int = 2
     # 1,500 left Chinese 10-12 points behind English on the CPM-Bee pivot; 2,500 cost the Qwen2 pivot only while each
     # European language had one training phrasing per kind (docs/mpm-mini.md, "Runs F and G")
     stage2_steps: int = 2500
@@ -656,7 +660,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
                 "chat-pretrain",
                 base,
                 caption_sources(work / "data", config, system),
-                config.stage1_steps,
+                config.stage1_steps * (config.native_stage1_scale if system == "native" else 1),
                 config,
                 work / "stage1",
                 tune_vision=True,
