@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, chat_as_remote_code
 from tiny_models import tiny_chat, tiny_pipeline, tiny_pivot_chat
 from training_support import caption_source, chat_config, colour_image, falls, state, write_config
 from viscpm.cli import main
-from viscpm.training.run import ConfigError, latest_complete_checkpoint, load_config, source_specs, train
+from viscpm.training.run import ConfigError, latest_complete_checkpoint, load_config, train
 
 # ---------------------------------------------------------------- stages on tiny models
 
@@ -221,12 +221,8 @@ def test_config_errors_name_the_entry(tmp_path):
             "paint", None, ["model=m", "output_dir=o", f"data.sources=[{{path: {captions}, caption_requests: [a]}}]"]
         )
     with pytest.raises(ConfigError, match=r"data.sources\[0\]: .*caption_requests must be a non-empty list"):
-        source_specs(
-            load_config(
-                "chat-pretrain",
-                None,
-                ["model=m", "output_dir=o", "data.sources=[{path: c.jsonl, caption_requests: []}]"],
-            )
+        load_config(
+            "chat-pretrain", None, ["model=m", "output_dir=o", "data.sources=[{path: c.jsonl, caption_requests: []}]"]
         )
     with pytest.raises(ConfigError, match="Paint keeps its pivot frozen"):
         load_config("paint", None, ["model=m", "output_dir=o", "llm_learning_rate=1e-4"])
