@@ -692,9 +692,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
                 "--systems, or --only-default"
             )
         config = mpm_mini.shipped(config)
-    for option in ("pivots", "systems"):
-        if getattr(args, option):  # in the order given, each once
-            config = dataclasses.replace(config, **{option: tuple(dict.fromkeys(getattr(args, option)))})
+    parts = {option: tuple(dict.fromkeys(getattr(args, option))) for option in given if option != "only_default"}
+    config = dataclasses.replace(config, **parts)  # each pivot and system once, in the order given
     if args.install_default and args.name == "mpm-mini" and not ("mpm" in config.systems and "cpmbee" in config.pivots):
         raise CommandError(
             "--install-default installs the mpm system of the CPM-Bee pivot, which --pivots or --systems leave out: "
