@@ -401,6 +401,26 @@ def test_training_labels_by_hand(tiny_tokenizer):
     assert labels[labels != IGNORED].tolist() == [vocab_size, space, UNK, space, vocab_size + 1, EOS]
 
 
+def test_padding_to_the_longest_sample_is_the_fixed_width_batch_cut_short(tiny_tokenizer):
+    short = encode_structured(tiny_tokenizer, {"q": "a", "<ans>": "b"}).to_sample()
+    long = encode_structured(tiny_tokenizer, {"<ans>": {"x": "a", "y": "bé"}, "q": "é ü"}).to_sample()
+    width = len(long["input_ids"])
+    fixed = CpmBeeCollator(tiny_tokenizer, max_length=32)([short, long])
+    longest = CpmBeeCollator(tiny_tokenizer, max_length=32, pad_to_longest=True)([short, long])
+    assert width < 32 and longest["input_ids"].shape == (2, width)
+    for key, value in fixed.items():
+        if value.dim() == 2 and value.shape[1] == 32 and key != "segment_rel":
+            assert torch.equal(longest[key], value[:, :width]), key
+            assert not value[:, width:].any() or key == "labels" and (value[:, width:] == IGNORED).all(), key
+        elif key != "segment_rel":
+            assert torch.equal(longest[key], value), key
+    # the relation tables keep their own width, padded to the longer of it and the batch's
+    rel_width = max(width, *(torch.as_tensor(item["segment_rel"]).numel() for item in (short, long)))
+    assert torch.equal(longest["segment_rel"], fixed["segment_rel"][:, :rel_width])
+    with pytest.raises(ValueError, match="more than max_length=8"):
+        CpmBeeCollator(tiny_tokenizer, max_length=8, pad_to_longest=True)([short, long])
+
+
 def test_training_collator_errors(tiny_tokenizer):
     item = encode_structured(tiny_tokenizer, {"q": "abc", "<ans>": "a"}).to_sample()
     with pytest.raises(ValueError, match="more than max_length=4"):

@@ -83,7 +83,8 @@ def test_later_rounds_carry_the_context_chat_builds(tmp_path):
 @pytest.mark.golden
 def test_golden_training_batch_and_loss_from_raw_records(converted_golden_chat, golden_dir):
     """Raw records and image files -> our items -> our collator (pixels included) -> our model: the original's batch
-    and loss (the original's training Dataset keeps the first item of each record)."""
+    at its fixed width, and its loss both from that batch and from the one training collates (padded to the longest
+    sample). The original's training Dataset keeps the first item of each record."""
     processor = AutoProcessor.from_pretrained(converted_golden_chat)
     model = AutoModel.from_pretrained(converted_golden_chat, dtype=torch.float32).eval()
     max_length = load_json(golden_dir / "tokenizer" / "collated_batch.json")["max_len"]
@@ -96,7 +97,7 @@ def test_golden_training_batch_and_loss_from_raw_records(converted_golden_chat, 
     def pixels(image):
         return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
-    batch = ImageTextCollator(processor.tokenizer, max_length, pixels)(rows)
+    batch = ImageTextCollator(processor.tokenizer, max_length, pixels, pad_to_longest=False)(rows)
     golden = load_file(golden_dir / "chat" / "train_batch.safetensors")
     for name, expected in golden.items():
         if not name.startswith("batch.") or name == "batch.pixel_values":
@@ -105,9 +106,11 @@ def test_golden_training_batch_and_loss_from_raw_records(converted_golden_chat, 
         actual = batch[key][0] if key in ("ext_table_ids", "ext_table_sub") else batch[key]
         assert torch.equal(actual.long(), expected.long()), name
     torch.testing.assert_close(batch["pixel_values"], golden["batch.pixel_values"], rtol=1e-5, atol=1e-5)
+    shortest = ImageTextCollator(processor.tokenizer, max_length, pixels)(rows)
+    assert shortest["input_ids"].shape[1] == int(shortest["length"].max()) < max_length
     with torch.no_grad():
-        loss = model(**batch).loss
-    torch.testing.assert_close(loss, golden["loss"], rtol=1e-4, atol=1e-5)
+        for collated in (batch, shortest):
+            torch.testing.assert_close(model(**collated).loss, golden["loss"], rtol=1e-4, atol=1e-5)
 
 
 def test_malformed_records_are_skipped_and_counted(tmp_path):

@@ -313,7 +313,7 @@ def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], outpu
         model = CpmBeeForCausalLM(
             CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **config.text)
         )
-        collator = CpmBeeCollator(tokenizer, max_length)
+        collator = CpmBeeCollator(tokenizer, max_length, pad_to_longest=True)
     else:
         processor = pivot_processor(config, tokenizer)
         samples = pivot_text_samples(prompts, processor)

@@ -517,14 +517,16 @@ def build_training_data(
 @dataclass
 class ImageTextCollator:
     """Prepared samples -> a model batch: the CPM-Bee training collator for the text, `image_transform` (a PIL image
-    -> a `(3, H, W)` tensor) for the pixels."""
+    -> a `(3, H, W)` tensor) for the pixels. Padded to the batch's longest sample, as `PivotCollator` pads (the same
+    loss as the original's fixed `max_length`, for less compute); `pad_to_longest=False` gives the original's batch."""
 
     tokenizer: CpmBeeTokenizer
     max_length: int
     image_transform: Callable[[PIL.Image.Image], Any]
+    pad_to_longest: bool = True
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
-        batch = CpmBeeCollator(self.tokenizer, self.max_length)(rows)
+        batch = CpmBeeCollator(self.tokenizer, self.max_length, self.pad_to_longest)(rows)
         batch.pop("pixel_values", None)
         batch["pixel_values"] = pixel_batch(rows, self.image_transform)
         return batch
