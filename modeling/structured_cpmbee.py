@@ -542,9 +542,7 @@ class CpmBeeCollator:
             # The ext logits need at least one column: the original keeps this dummy entry (`<pad>`, sub 1).
             batch_ext_index[(0, 1)] = 0
 
-        batch = {
-            key: _pad_rows([sample[key] for sample in tensors], width, left=False) for key in self.per_token_keys
-        }
+        batch = {key: _pad_rows([sample[key] for sample in tensors], width, left=False) for key in self.per_token_keys}
         batch["context"] = batch["context"].bool()
         batch["attention_mask"] = (torch.arange(width) < lengths.unsqueeze(1)).long()
         # Padded like the per-token keys unless a relation table is longer (original behaviour).
