@@ -10,8 +10,9 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from tiny_models import png_bytes, tiny_chat, tiny_image, tiny_pipeline
+from tiny_models import tiny_chat, tiny_image, tiny_pipeline
 from viscpm.serving.server import Limits, VisCPMService, serving_in_thread
+from viscpm.training.data import png_bytes
 
 
 def data_url(image: Image.Image | bytes) -> str:

@@ -19,6 +19,7 @@ from viscpm.modeling.image_processing_viscpm_chat import (
     load_image,
     transform_image,
 )
+from viscpm.training.data import png_bytes
 
 # `pixel_values_224` of the fixture is documented as build_transform(is_train=False, input_size=224).
 RELEASED_IMAGE_SIZE = 224
@@ -30,12 +31,6 @@ def reference_transform(image: Image.Image, size: int) -> torch.Tensor:
     pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
     half = torch.tensor([0.5, 0.5, 0.5]).view(-1, 1, 1)
     return pixels.sub(half).div(half)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def noise_image(width, height, mode="RGB", seed=0) -> Image.Image:

@@ -10,13 +10,13 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoProcessor, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from conftest import chat_as_remote_code
-from tiny_models import png_bytes, tiny_image, tiny_pivot_chat
+from tiny_models import tiny_image, tiny_pivot_chat
 from training_support import chat_config, colour_image, falls, state, write_config
 from viscpm.cli import main
 from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig
 from viscpm.modeling.processing_viscpm_chat import IMAGE_MARKER
 from viscpm.training.chat import add_lora
-from viscpm.training.data import PivotCollator, PivotSamples, Turn
+from viscpm.training.data import PivotCollator, PivotSamples, Turn, png_bytes
 from viscpm.training.run import load_config, train
 
 KINDS = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}

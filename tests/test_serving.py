@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from serving_support import image_message, png_bytes, post, question
+from serving_support import image_message, post, question
 from tiny_models import tiny_image
 from viscpm.experiments.glossary import ZH
 from viscpm.serving.server import Limits
+from viscpm.training.data import png_bytes
 
 openai = pytest.importorskip("openai")
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from conftest import load_json
-from tiny_models import png_bytes, tiny_chat
+from tiny_models import tiny_chat
 from training_support import caption_source, colour_image, conversation_source
 from viscpm.training.data import (
     DataReport,
@@ -26,6 +26,7 @@ from viscpm.training.data import (
     caption_prompts,
     conversation_prompts,
     load_records,
+    png_bytes,
     prepare_source,
     training_sample,
 )

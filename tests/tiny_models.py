@@ -1,6 +1,5 @@
 """Tiny random models, configs and vocabularies, shared by the test files (as transformers' model testers)."""
 
-import io
 from pathlib import Path
 
 import torch
@@ -227,12 +226,6 @@ def tiny_pivot_chat(kind: str, seed: int = 0):
     model = VisCPMChatForConditionalGeneration(config).eval()
     processor = VisCPMChatProcessor(VisCPMChatImageProcessor(size={"height": 32, "width": 32}), tokenizer, query_num=4)
     return model, processor
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def tiny_image(seed: int) -> Image.Image:

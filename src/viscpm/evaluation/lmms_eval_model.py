@@ -8,7 +8,6 @@ answer the way training labels it.
 
 from __future__ import annotations
 
-import io
 import json
 from itertools import groupby
 
@@ -50,13 +49,6 @@ def generation_arguments(task_arguments: dict) -> tuple[dict, list[str]]:
         for sampling in ("temperature", "top_p", "top_k"):
             arguments.pop(sampling, None)
     return arguments, [stop for stop in until if stop]
-
-
-def png_bytes(image) -> bytes:
-    # the training collators read images as encoded bytes, as datasets stores them
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def cut_at_stops(answer: str, stops: list[str]) -> str:
@@ -128,7 +120,7 @@ class VisCPMChatLMM(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """log p(continuation | image, question) over the continuation's tokens (the answer's end token is not
         counted), and whether greedy decoding would give every one of them."""
-        from ..training.data import ImageTextCollator, PivotCollator, Turn, chat_samples
+        from ..training.data import ImageTextCollator, PivotCollator, Turn, chat_samples, png_bytes
 
         processor = self.processor
         # the model's limit on a prompt, plus the continuation: a request over it is the task's to shorten

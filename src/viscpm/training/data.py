@@ -240,6 +240,13 @@ def open_image(data: bytes) -> PIL.Image.Image:
         raise SkippedRecord("unreadable image") from None
 
 
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    """An image as the training data hold images: encoded bytes, as `datasets` stores them (`open_image` reads them)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------------------------- records -> samples
 
 
