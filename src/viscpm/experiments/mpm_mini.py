@@ -294,46 +294,54 @@ def pivot_text_samples(prompts: list[dict], processor) -> list[dict]:
     return samples
 
 
+def pivot_model(config: MiniConfig, tokenizer, kind: str):
+    """A randomly initialised pivot LM of ``kind`` and `config.text`'s sizes for ``tokenizer``'s vocabulary: CPM-Bee,
+    or transformers' Qwen2 with the same width, heads, FFN and layers (``tokenizer`` a fast tokenizer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ..modeling.configuration_cpmbee import CpmBeeConfig
+    from ..modeling.modeling_cpmbee import CpmBeeForCausalLM
+
+    text = config.text
+    if kind == "cpmbee":
+        return CpmBeeForCausalLM(CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **text))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=text["dim_model"],
+            intermediate_size=text["dim_ff"],
+            num_hidden_layers=text["num_layers"],
+            num_attention_heads=text["num_heads"],
+            num_key_value_heads=text["num_heads"],
+            head_dim=text["dim_head"],
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], output: Path, kind: str = "cpmbee"):
     """A pivot LM of ``kind`` (CPM-Bee, or Qwen2 with ``tokenizer`` a processor's fast tokenizer) trained from
     scratch on `pivot_prompts` with transformers' Trainer."""
     import datasets
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
-    from ..modeling.configuration_cpmbee import CpmBeeConfig
-    from ..modeling.modeling_cpmbee import CpmBeeForCausalLM
     from ..training.data import PivotCollator, training_sample
 
     set_seed(config.seed)
     rng = random.Random(config.seed)
     prompts = pivot_prompts(languages, rng, config.pivot_samples)
+    model = pivot_model(config, tokenizer, kind)
     if kind == "cpmbee":
         samples = [training_sample(tokenizer, prompt, 10**6) for prompt in prompts]
         max_length = max(len(sample["input_ids"]) for sample in samples)
-        model = CpmBeeForCausalLM(
-            CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **config.text)
-        )
         collator = CpmBeeCollator(tokenizer, max_length, pad_to_longest=True)
     else:
         processor = pivot_processor(config, tokenizer)
         samples = pivot_text_samples(prompts, processor)
-        text = config.text
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=len(tokenizer),
-                hidden_size=text["dim_model"],
-                intermediate_size=text["dim_ff"],
-                num_hidden_layers=text["num_layers"],
-                num_attention_heads=text["num_heads"],
-                num_key_value_heads=text["num_heads"],
-                head_dim=text["dim_head"],
-                max_position_embeddings=512,
-                tie_word_embeddings=True,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
         collator = PivotCollator(processor.pad_token_id, None)
     arguments = TrainingArguments(
         output_dir=str(output),
