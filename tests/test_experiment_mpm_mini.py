@@ -316,7 +316,7 @@ def test_the_command_line_offers_every_pivot_and_system():
 
 def test_quick_runs_of_parts_make_one_table(tmp_path, capsys):
     """Each part in the order asked; a later part of the same recipe adds its rows to the earlier parts', and a
-    part of another recipe (here another seed) starts a new table."""
+    part of another recipe (here another seed) is refused before it trains, the table left as it was."""
 
     def part(*arguments):
         assert main(["experiment", "mpm-mini", "--quick", *arguments, "--output", str(tmp_path)]) == 0
@@ -330,7 +330,39 @@ def test_quick_runs_of_parts_make_one_table(tmp_path, capsys):
     assert results["config"]["pivots"] == ["qwen2", "cpmbee"] and results["config"]["systems"] == ["native", "mpm"]
     assert results["systems"]["native (qwen2)"] == first
     assert "| native (qwen2) |" in (tmp_path / "table.md").read_text() and "| mpm |" in capsys.readouterr().out
-    assert list(part("--seed", "1", "--pivots", "cpmbee", "--systems", "mpm")["systems"]) == ["mpm"]
+    table = (tmp_path / "results.json").read_bytes()
+    models = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    assert main(["experiment", "mpm-mini", "--quick", "--seed", "1", "--output", str(tmp_path)]) == 2
+    assert "holds the table of another recipe (seed: 0 there, 1 here)" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_bytes() == table
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == models
+
+
+def test_a_results_file_of_something_else_is_not_replaced(tmp_path, capsys):
+    (tmp_path / "results.json").write_text('{"accuracy": 0.9}')
+    assert main(["experiment", "mpm-mini", "--quick", "--output", str(tmp_path)]) == 2
+    assert "is not an mpm-mini results file (KeyError" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == '{"accuracy": 0.9}' and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_run_cut_short_keeps_the_systems_it_finished(tmp_path, monkeypatch):
+    """results.json is written as each system is evaluated, so an interrupted run loses only the system it was in."""
+    finished = []
+    evaluate = mpm_mini.accuracy
+
+    def accuracy_until_the_second_system(model_dir, examples, **kwargs):
+        finished.append(model_dir)
+        if len({path.parents[1] for path in finished}) > 1:  # `work / "stage2" / "final"` of a second system
+            raise KeyboardInterrupt
+        return evaluate(model_dir, examples, **kwargs)
+
+    monkeypatch.setattr(mpm_mini, "accuracy", accuracy_until_the_second_system)
+    config = dataclasses.replace(mpm_mini.QUICK, pivots=("qwen2",), systems=("mpm", "native"))
+    with pytest.raises(KeyboardInterrupt):
+        mpm_mini.run(tmp_path, config, log=lambda *_: None)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["systems"]) == ["mpm (qwen2)"] and not list(tmp_path.glob("*.partial"))
+    assert set(results["systems"]["mpm (qwen2)"]["accuracy"]) == set(config.languages)
 
 
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):

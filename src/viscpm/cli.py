@@ -699,6 +699,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
             "--install-default installs the mpm system of the CPM-Bee pivot, which --pivots or --systems leave out: "
             "include mpm and cpmbee, or leave out --install-default"
         )
+    if args.name == "mpm-mini":
+        try:
+            mpm_mini.earlier_parts(output, config)
+        except mpm_mini.OtherResultsError as error:
+            raise CommandError(str(error)) from None
     with _needs_extra("the experiment", "experiment"):
         results = experiment.run(output, config)
     print(experiment.report_table(results))

@@ -627,11 +627,13 @@ def accuracy(model_dir: Path, examples: list[tuple[str, str, str]], batch_size: 
 
 
 def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
-    """Every system on every pivot: pivot, stage 1, stage 2, evaluation. Writes `results.json` (and the trained
-    models) to `output`; returns the results."""
+    """Every system on every pivot: pivot, stage 1, stage 2, evaluation. Writes the trained models to `output`, and
+    `results.json` each time a system is evaluated (a run cut short keeps the rows it finished: rerun the rest with
+    `pivots` and `systems`); returns the results."""
     from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
     started = time.perf_counter()
+    earlier = earlier_parts(output, config)
     train_scenes, train_questions, train_paths = load_world("train")  # without easy-vqa: an error, and no folder
     test_scenes, test_questions, test_paths = load_world("test")
     output.mkdir(parents=True, exist_ok=True)
@@ -640,7 +642,6 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     tokenizers["qwen2"] = qwen2_tokenizer(vocab.read_text("utf-8").splitlines())
     evaluation = evaluation_set(config, test_scenes, test_questions, test_paths)
     paraphrases = paraphrase_set(config, test_scenes, test_questions, test_paths)
-    earlier = earlier_parts(output, config)
     results = {"config": asdict(config), "vocab_size": tokenizers["cpmbee"].vocab_size, "systems": earlier["systems"]}
     for part in ("pivots", "systems"):  # what the table covers: this part and the earlier ones
         results["config"][part] = list(dict.fromkeys([*earlier["config"][part], *results["config"][part]]))
@@ -694,26 +695,50 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
                 "data": counts,
                 "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
             }
-    results["seconds"] = round(time.perf_counter() - started)
-    (output / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", "utf-8")
+            results["seconds"] = round(time.perf_counter() - started)
+            text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+            (output / "results.json.partial").write_text(text, "utf-8")
+            (output / "results.json.partial").replace(output / "results.json")  # whole, or the earlier one
     return results
+
+
+class OtherResultsError(ValueError):
+    """The output folder holds results this run would replace: another recipe's, or not this experiment's."""
 
 
 def earlier_parts(output: Path, config: MiniConfig) -> dict:
     """What an earlier run of the same recipe (every setting alike but `pivots` and `systems`) left in `output`'s
     `results.json`: a part of the experiment (`--pivots`, `--systems`) adds its rows to the earlier parts' table, and
-    a rerun system replaces its row. Another recipe's results are replaced, as its models are."""
+    a rerun system replaces its row. `OtherResultsError` if the file holds another recipe's results or is not this
+    experiment's: a run would replace them, and the table of hours of training is not to be lost by a mistyped
+    folder or a changed seed."""
     parts = ("pivots", "systems")
-    nothing = {"config": {part: [] for part in parts}, "systems": {}}
+    results_file = output / "results.json"
+    if not results_file.exists():
+        return {"config": {part: [] for part in parts}, "systems": {}}
     as_saved = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
-    recipe = {key: value for key, value in as_saved.items() if key not in parts}
     try:
-        earlier = json.loads((output / "results.json").read_text("utf-8"))
-        if {key: value for key, value in earlier["config"].items() if key not in parts} != recipe:
-            return nothing
-        return {"config": {part: list(earlier["config"][part]) for part in parts}, "systems": dict(earlier["systems"])}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none yet, or not this experiment's results
-        return nothing
+        earlier = json.loads(results_file.read_text("utf-8"))
+        settings = {key: value for key, value in earlier["config"].items() if key not in parts}
+        table = {"config": {part: list(earlier["config"][part]) for part in parts}, "systems": dict(earlier["systems"])}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise OtherResultsError(
+            f"{results_file} is not an mpm-mini results file ({type(error).__name__}: {error}), and this run would "
+            "replace it: choose another --output, or move the file away"
+        ) from None
+    recipe = {key: value for key, value in as_saved.items() if key not in parts}
+    differences = [
+        f"{key}: {json.dumps(settings.get(key))} there, {json.dumps(recipe.get(key))} here"
+        for key in sorted(set(settings) | set(recipe))
+        if settings.get(key) != recipe.get(key)
+    ]
+    if differences:
+        raise OtherResultsError(
+            f"{results_file} holds the table of another recipe ({'; '.join(differences[:3])}"
+            f"{f'; {len(differences) - 3} more' if len(differences) > 3 else ''}), and this run would replace it: "
+            "choose another --output, or move the file away to start a new table there"
+        )
+    return table
 
 
 def report_table(results: dict) -> str:
