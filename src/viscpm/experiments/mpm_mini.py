@@ -721,7 +721,7 @@ def earlier_parts(output: Path, config: MiniConfig) -> dict:
         earlier = json.loads(results_file.read_text("utf-8"))
         settings = {key: value for key, value in earlier["config"].items() if key not in parts}
         table = {"config": {part: list(earlier["config"][part]) for part in parts}, "systems": dict(earlier["systems"])}
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # UnicodeDecodeError is a ValueError
         raise OtherResultsError(
             f"{results_file} is not an mpm-mini results file ({type(error).__name__}: {error}), and this run would "
             "replace it: choose another --output, or move the file away"
