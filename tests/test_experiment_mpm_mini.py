@@ -338,6 +338,14 @@ def test_quick_runs_of_parts_make_one_table(tmp_path, capsys):
     assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == models
 
 
+@pytest.mark.parametrize("name", ["mpm-mini", "paint-mini"])
+def test_an_output_that_is_a_file_is_refused(name, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["experiment", name, "--quick", "--output", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file, and the experiment writes a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_results_file_of_something_else_is_not_replaced(tmp_path, capsys):
     (tmp_path / "results.json").write_text('{"accuracy": 0.9}')
     assert main(["experiment", "mpm-mini", "--quick", "--output", str(tmp_path)]) == 2

@@ -699,6 +699,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
             "--install-default installs the mpm system of the CPM-Bee pivot, which --pivots or --systems leave out: "
             "include mpm and cpmbee, or leave out --install-default"
         )
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"--output {output} is a file, and the experiment writes a folder: name a folder")
     if args.name == "mpm-mini":
         try:
             mpm_mini.earlier_parts(output, config)
