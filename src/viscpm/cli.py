@@ -701,13 +701,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
         )
     if output.exists() and not output.is_dir():
         raise CommandError(f"--output {output} is a file, and the experiment writes a folder: name a folder")
-    if args.name == "mpm-mini":
-        try:
-            mpm_mini.earlier_parts(output, config)
-        except mpm_mini.OtherResultsError as error:
-            raise CommandError(str(error)) from None
     with _needs_extra("the experiment", "experiment"):
-        results = experiment.run(output, config)
+        try:
+            results = experiment.run(output, config)
+        except mpm_mini.OtherResultsError as error:  # raised before anything loads or trains
+            raise CommandError(str(error)) from None
     print(experiment.report_table(results))
     (output / "table.md").write_text(experiment.report_table(results) + "\n", encoding="utf-8")
     experiment.plot(results, output / "accuracy.png")

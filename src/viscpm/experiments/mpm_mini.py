@@ -716,7 +716,6 @@ def earlier_parts(output: Path, config: MiniConfig) -> dict:
     results_file = output / "results.json"
     if not results_file.exists():
         return {"config": {part: [] for part in parts}, "systems": {}}
-    as_saved = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
     try:
         earlier = json.loads(results_file.read_text("utf-8"))
         settings = {key: value for key, value in earlier["config"].items() if key not in parts}
@@ -726,6 +725,7 @@ def earlier_parts(output: Path, config: MiniConfig) -> dict:
             f"{results_file} is not an mpm-mini results file ({type(error).__name__}: {error}), and this run would "
             "replace it: choose another --output, or move the file away"
         ) from None
+    as_saved = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
     recipe = {key: value for key, value in as_saved.items() if key not in parts}
     differences = [
         f"{key}: {json.dumps(settings.get(key))} there, {json.dumps(recipe.get(key))} here"
