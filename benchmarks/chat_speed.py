@@ -389,15 +389,13 @@ def build_chat(size: str, seed: int):
 def build_models(size: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from viscpm.modeling.configuration_cpmbee import CpmBeeConfig
+
     ours, dims = build_chat(size, seed), SIZES[size]
     llama_config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=dims["dim_model"],
-        intermediate_size=dims["dim_ff"],
-        num_hidden_layers=dims["num_layers"],
-        num_attention_heads=dims["num_heads"],
         num_key_value_heads=dims["num_heads"],
-        head_dim=dims["dim_head"],
+        **{generic: dims[own] for generic, own in CpmBeeConfig.attribute_map.items()},
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=1,

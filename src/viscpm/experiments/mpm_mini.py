@@ -305,15 +305,12 @@ def pivot_model(config: MiniConfig, tokenizer, kind: str):
     text = config.text
     if kind == "cpmbee":
         return CpmBeeForCausalLM(CpmBeeConfig(vocab_size=tokenizer.vocab_size, position_bias_max_distance=128, **text))
+    sizes = {generic: text[own] for generic, own in CpmBeeConfig.attribute_map.items()}
     return Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=len(tokenizer),
-            hidden_size=text["dim_model"],
-            intermediate_size=text["dim_ff"],
-            num_hidden_layers=text["num_layers"],
-            num_attention_heads=text["num_heads"],
             num_key_value_heads=text["num_heads"],
-            head_dim=text["dim_head"],
+            **sizes,
             max_position_embeddings=512,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
