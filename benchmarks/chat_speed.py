@@ -352,7 +352,6 @@ def chat_prompts(processor, lengths: list[int]) -> dict[int, tuple[str, dict]]:
         inputs = encode(low)
         if inputs["input_ids"].shape[1] != length:
             raise SystemExit(f"could not build a chat prompt of exactly {length} tokens")
-        inputs.pop("ext_tables")
         prompts[length] = (text[:low], dict(inputs))
     return prompts
 

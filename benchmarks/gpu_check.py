@@ -69,7 +69,6 @@ def chat_prompt(processor, length: int, device) -> dict:
         raise SystemExit(f"--length must exceed {base} (the 64 image slots and the prompt's structure)")
     context = "".join(CONTEXT_CHARACTERS[i % len(CONTEXT_CHARACTERS)] for i in range(length - base))
     inputs = processor(text=["?"], context=[context])
-    inputs.pop("ext_tables")
     if inputs["input_ids"].shape[1] != length:
         raise SystemExit(f"built a {inputs['input_ids'].shape[1]}-token prompt instead of {length}")
     return {key: value.to(device) for key, value in inputs.items()}
