@@ -264,6 +264,54 @@ def test_stage_two_answers_yes_at_the_configured_share_in_english_and_the_transl
         assert len(said_yes) > 300 and abs(sum(said_yes) / len(said_yes) - yes_share) < 0.06, language
 
 
+def test_the_translated_share_asks_only_its_kinds_and_keeps_its_size(tmp_path):
+    """Every round of a translated conversation, the second ones too, is of `translated_kinds`; the share has as many
+    conversations as with every kind, and English keeps every kind."""
+    scenes, questions, paths = mpm_mini.load_world("train")
+    config = dataclasses.replace(
+        mpm_mini.QUICK, train_images=1500, translated_share_per_language=0.2, translated_languages=("zh",)
+    )
+    yes_no = {g.answer_in(language, answer) for language in ("en", "zh") for answer in ("yes", "no")}
+    answered_in, sizes = {}, {}
+    for kinds in (config.translated_kinds, ("has_colour", "has_shape")):
+        folder = tmp_path / "+".join(kinds)
+        counts = mpm_mini.write_stage_data(
+            folder, dataclasses.replace(config, translated_kinds=kinds), "mpm", scenes, questions, paths
+        )
+        sizes[kinds] = counts["conversations"]["zh"]
+        rounds = [
+            (asked["value"], answered["value"])
+            for record in json.loads((folder / "vqa.json").read_text())
+            for asked, answered in zip(record["conversations"][::2], record["conversations"][1::2])
+            if answered["value"] not in g.REFUSALS.values()
+        ]
+        answered_in[kinds] = {
+            language: [
+                answered in yes_no
+                for asked, answered in rounds
+                if bool(re.search(r"[\u4e00-\u9fff]", asked)) == chinese
+            ]
+            for language, chinese in (("en", False), ("zh", True))
+        }
+    every_kind, yes_no_only = answered_in.values()
+    assert all(yes_no_only["zh"]) and len(yes_no_only["zh"]) > 300
+    assert 0.3 < sum(every_kind["zh"]) / len(every_kind["zh"]) < 0.8  # the share asked every kind before
+    assert 0.3 < sum(yes_no_only["en"]) / len(yes_no_only["en"]) < 0.8
+    first, second = sizes.values()
+    assert abs(first - second) < 0.1 * first, sizes
+
+
+def test_translated_kinds_too_few_for_the_share_are_refused_naming_the_fix(tmp_path):
+    scenes, questions, paths = mpm_mini.load_world("train")
+    config = dataclasses.replace(
+        mpm_mini.QUICK, translated_share_per_language=0.15, translated_languages=("zh", "de", "fr", "es", "it", "pt")
+    )
+    with pytest.raises(ValueError, match=r"translated_kinds=\('has_shape',\) are .* too few .* add kinds or lower"):
+        mpm_mini.write_stage_data(
+            tmp_path, dataclasses.replace(config, translated_kinds=("has_shape",)), "mpm", scenes, questions, paths
+        )
+
+
 def test_without_a_yes_share_stage_two_asks_easy_vqas_own_questions(tmp_path):
     """Mostly answered no: 13% of its colour and 35% of its shape yes / no questions are answered yes."""
     scenes, questions, paths = mpm_mini.load_world("train")

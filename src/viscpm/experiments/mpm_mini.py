@@ -59,6 +59,9 @@ class MiniConfig:
     # the share's languages: every non-English one. VisCPM's README: trained on English instructions only, the model
     # understands Chinese questions but answers in English; a little translated data aligns the reply language
     translated_languages: tuple = g.LANGUAGES[1:]
+    # the question kinds the translated share asks (first rounds and second), as many conversations in all: what
+    # it teaches a pivot that never read the language (the English-only baseline) besides aligning the reply language
+    translated_kinds: tuple = tuple(g.EN_TEMPLATES)
     # of stage-2 conversations: a question outside the world, refused; in English or, as often, in a language of the
     # translated share that has refusals (English-only refusal turns wore the pivot's Chinese refusal away)
     refusal_share: float = 0.06
@@ -434,6 +437,17 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
     for image_id, kind, slots, question in questions:
         asked_of[image_id].append((kind, slots, question))
     shared = config.shared_languages
+    # every kind for native, whose every question comes in every language; else `translated_kinds`, each of their
+    # questions translated as often as the share's size over all the chosen questions needs
+    shared_kinds = tuple(g.EN_TEMPLATES) if system == "native" else config.translated_kinds
+    chosen_kinds = Counter(kind for image_id, kind, _, _ in questions if image_id in chosen)
+    asked_kinds = sum(chosen_kinds[kind] for kind in shared_kinds)
+    translated_rate = config.translated_share * (chosen_kinds.total() / max(asked_kinds, 1))  # every kind: the share
+    if shared and translated_rate > 1:
+        raise ValueError(
+            f"translated_kinds={shared_kinds} are {asked_kinds} of {chosen_kinds.total()} questions, too few for a "
+            f"translated share of {config.translated_share:.0%}: add kinds or lower translated_share_per_language"
+        )
     conversations, share, second_rounds = [], Counter(), 0
     for image_id, kind, slots, question in questions:
         if image_id not in chosen:
@@ -442,7 +456,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         turns = [asked_in("en", kind, slots, question, answer)]
         if system == "native":
             turns += [turn(language, kind, slots, answer) for language in config.languages if language != "en"]
-        elif shared and rng.random() < config.translated_share:
+        elif shared and kind in shared_kinds and rng.random() < translated_rate:
             turns = [turn(rng.choice(shared), kind, slots, answer)]
         if rng.random() < config.refusal_share:
             language = rng.choice(["en", *(language for language in shared if language in g.REFUSALS)])
@@ -451,8 +465,9 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         for language, asked, answered in turns:
             share[language] += 1
             rounds = [(asked, answered)]
-            if language != "refused" and rng.random() < config.two_round_share:
-                next_kind, next_slots, next_question = rng.choice(asked_of[image_id])
+            follow_ups = [asked for asked in asked_of[image_id] if language == "en" or asked[0] in shared_kinds]
+            if language != "refused" and rng.random() < config.two_round_share and follow_ups:
+                next_kind, next_slots, next_question = rng.choice(follow_ups)
                 next_answer = g.answer_for(next_kind, scenes[image_id], next_slots)
                 rounds.append(asked_in(language, next_kind, next_slots, next_question, next_answer)[1:])
                 second_rounds += 1
