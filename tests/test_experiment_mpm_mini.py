@@ -312,6 +312,18 @@ def test_translated_kinds_too_few_for_the_share_are_refused_naming_the_fix(tmp_p
         )
 
 
+@pytest.mark.parametrize(
+    ("kinds", "message"),
+    [
+        (("colours", "has_shape"), r"names what is not a question kind \('colours'\): give a tuple of 'shape', "),
+        ("colour", r"translated_kinds='colour' is one string: give a tuple of "),
+    ],
+)
+def test_translated_kinds_that_are_not_question_kinds_are_refused_when_the_config_is_made(kinds, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(mpm_mini.QUICK, translated_kinds=kinds)
+
+
 def test_without_a_yes_share_stage_two_asks_easy_vqas_own_questions(tmp_path):
     """Mostly answered no: 13% of its colour and 35% of its shape yes / no questions are answered yes."""
     scenes, questions, paths = mpm_mini.load_world("train")

@@ -113,6 +113,15 @@ class MiniConfig:
                 f"{len(self.shared_languages)} languages is {self.translated_share:.0%} of the conversations: lower "
                 f"it to at most {1 / len(self.shared_languages):.3f}"
             )
+        kinds = ", ".join(map(repr, g.EN_TEMPLATES))
+        if isinstance(self.translated_kinds, str):
+            raise ValueError(f"translated_kinds={self.translated_kinds!r} is one string: give a tuple of {kinds}")
+        unknown = sorted(set(self.translated_kinds) - set(g.EN_TEMPLATES))
+        if unknown:
+            raise ValueError(
+                f"translated_kinds={self.translated_kinds!r} names what is not a question kind "
+                f"({', '.join(map(repr, unknown))}): give a tuple of {kinds}"
+            )
 
     @property
     def shared_languages(self) -> list[str]:
@@ -442,7 +451,8 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
     shared_kinds = tuple(g.EN_TEMPLATES) if system == "native" else config.translated_kinds
     chosen_kinds = Counter(kind for image_id, kind, _, _ in questions if image_id in chosen)
     asked_kinds = sum(chosen_kinds[kind] for kind in shared_kinds)
-    translated_rate = config.translated_share * (chosen_kinds.total() / max(asked_kinds, 1))  # every kind: the share
+    # with every kind the ratio is exactly 1, so the default draws its conversations as before this setting existed
+    translated_rate = config.translated_share * (chosen_kinds.total() / max(asked_kinds, 1))
     if shared and translated_rate > 1:
         raise ValueError(
             f"translated_kinds={shared_kinds} are {asked_kinds} of {chosen_kinds.total()} questions, too few for a "
