@@ -5,6 +5,7 @@ import dataclasses
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,6 +432,25 @@ def test_a_run_cut_short_keeps_the_systems_it_finished(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["systems"]) == ["mpm (qwen2)"] and not list(tmp_path.glob("*.partial"))
     assert set(results["systems"]["mpm (qwen2)"]["accuracy"]) == set(config.languages)
+
+
+def test_stage_two_under_lora_keeps_the_pivot_and_evaluates_the_merged_model(tmp_path):
+    """`stage2_lora` for a pivot kind: stage 2 trains adapters on the frozen pivot and the vision side whole, and the
+    model evaluated is the adapter merged into stage 1's."""
+    from safetensors.torch import load_file
+
+    lora = {"r": 4, "alpha": 8, "modules_to_save": ["vpm", "mapping"]}
+    config = dataclasses.replace(mpm_mini.QUICK, pivots=("cpmbee",), systems=("mpm",), stage2_lora={"cpmbee": lora})
+    results = mpm_mini.run(tmp_path, config, log=lambda *_: None)
+    merged = Path(results["systems"]["mpm"]["model"])
+    assert merged == tmp_path / "mpm" / "stage2" / "merged" and (tmp_path / "mpm" / "stage2" / "adapter").is_dir()
+    stage1 = load_file(tmp_path / "mpm" / "stage1" / "final" / "model.safetensors")
+    stage2 = load_file(merged / "model.safetensors")
+    assert stage1.keys() == stage2.keys()  # a plain VisCPM-Chat folder: no adapter or wrapper names left
+    changed = {name.split(".")[0] for name in stage1 if not torch.equal(stage1[name], stage2[name])}
+    assert changed == {"llm", "vpm", "mapping"}, changed  # the adapters merged into the pivot; the rest trained
+    embeddings = [name for name in stage1 if name.startswith("llm.") and "embedding" in name]
+    assert embeddings and all(torch.equal(stage1[name], stage2[name]) for name in embeddings)  # no adapter there
 
 
 def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):

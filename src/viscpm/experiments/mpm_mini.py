@@ -89,6 +89,10 @@ class MiniConfig:
     # stage 2's rate for the pivot, by pivot kind (`viscpm train`'s llm_learning_rate; absent: learning_rate), the one
     # of 1e-3, 5e-4 and 2e-4 under which stage 2's own training loss ends lowest (docs/mpm-mini.md, "Run H")
     stage2_pivot_learning_rates: dict = field(default_factory=lambda: {"qwen2": 2e-4})
+    # stage 2's LoRA settings by pivot kind (`viscpm train`'s `lora`; absent: the whole pivot tuned): the pivot stays
+    # frozen under adapters, the vision side and the mapping train whole (`modules_to_save`), and the adapter is
+    # merged before the evaluation
+    stage2_lora: dict = field(default_factory=dict)
     text: dict = field(default_factory=lambda: dict(dim_model=128, num_heads=4, dim_head=32, dim_ff=384, num_layers=4))
     vision: dict = field(
         default_factory=lambda: dict(
@@ -653,6 +657,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
     `results.json` each time a system is evaluated (a run cut short keeps the rows it finished: rerun the rest with
     `pivots` and `systems`); returns the results."""
     from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
+    from ..training.merge import merge_lora
 
     started = time.perf_counter()
     earlier = earlier_parts(output, config)
@@ -705,7 +710,10 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
                 config,
                 work / "stage2",
                 llm_learning_rate=config.stage2_pivot_learning_rates.get(kind),
+                lora=config.stage2_lora.get(kind),
             )
+            if kind in config.stage2_lora:
+                stage2["saved"] = str(merge_lora(Path(stage2["saved"]), work / "stage2" / "merged", overwrite=True))
             scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
             held_out = {language: accuracy(Path(stage2["saved"]), items) for language, items in paraphrases.items()}
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: accuracy {scores}, paraphrases {held_out}")
