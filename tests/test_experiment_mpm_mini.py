@@ -342,6 +342,7 @@ def test_only_default_retrains_the_shipped_defaults_vocabulary_and_stage_two(tmp
     shipped = mpm_mini.shipped(mpm_mini.CONFIG)
     assert shipped.stage2_steps == mpm_mini.SHIPPED_STAGE2_STEPS < mpm_mini.CONFIG.stage2_steps
     assert shipped.stage2_pivot_learning_rates.get("cpmbee") is None  # the default's pivot tuned at learning_rate
+    assert not shipped.stage2_lora and "cpmbee" in mpm_mini.CONFIG.stage2_lora  # ... and tuned whole
     assert mpm_mini.shipped(mpm_mini.QUICK).stage2_steps == mpm_mini.QUICK.stage2_steps
 
 

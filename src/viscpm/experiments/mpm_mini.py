@@ -91,8 +91,12 @@ class MiniConfig:
     stage2_pivot_learning_rates: dict = field(default_factory=lambda: {"qwen2": 2e-4})
     # stage 2's LoRA settings by pivot kind (`viscpm train`'s `lora`; absent: the whole pivot tuned): the pivot stays
     # frozen under adapters, the vision side and the mapping train whole (`modules_to_save`), and the adapter is
-    # merged before the evaluation
-    stage2_lora: dict = field(default_factory=dict)
+    # merged before the evaluation. The whole CPM-Bee pivot tuned at its rate learnt each language from the
+    # translated share alone, a pivot that never read it too (the English-only baseline 60-72 outside English);
+    # under adapters that baseline scores 23-40 and mpm stays within 10 points of English (docs/mpm-mini.md, "Run L")
+    stage2_lora: dict = field(
+        default_factory=lambda: {"cpmbee": {"r": 8, "alpha": 16, "modules_to_save": ["vpm", "mapping"]}}
+    )
     text: dict = field(default_factory=lambda: dict(dim_model=128, num_heads=4, dim_head=32, dim_ff=384, num_layers=4))
     vision: dict = field(
         default_factory=lambda: dict(
@@ -159,13 +163,14 @@ SHIPPED_STAGE2_STEPS = 1500  # the shipped default's: in two languages its Chine
 
 def shipped(config: MiniConfig) -> MiniConfig:
     """Only what ships as `viscpm chat`'s default: the mpm system on the CPM-Bee pivot, in English and Chinese, with
-    at most the stage-2 steps it was trained with (`QUICK`'s fewer stay as they are)."""
+    at most the stage-2 steps it was trained with (`QUICK`'s fewer stay as they are), and its pivot tuned whole."""
     return replace(
         config,
         languages=("en", "zh"),
         systems=("mpm",),
         pivots=("cpmbee",),
         stage2_steps=min(config.stage2_steps, SHIPPED_STAGE2_STEPS),
+        stage2_lora={},  # the default's pivot tuned whole
     )
 
 
