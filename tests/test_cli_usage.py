@@ -55,6 +55,24 @@ def test_an_experiment_without_its_extra_says_so_and_leaves_no_folder(capsys, mo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["paint", "a red circle", "-o", "x.png"], "viscpm paint"),
+        (["convert", "paint", "--checkpoint", "x.pt", "--output", "out"], "converting Paint"),
+    ],
+)
+def test_paint_without_its_extra_says_so(capsys, monkeypatch, tmp_path, argv, what):
+    """A wheel installed without extras: diffusers missing is one line naming the extra, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` fails as if it were not installed
+    for module in ("viscpm.modeling.pipeline_viscpm_paint", "viscpm.conversion.paint"):
+        monkeypatch.delitem(sys.modules, module, raising=False)  # imported again, as in a fresh process
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and f"{what} needs the paint extra (diffusers is missing)" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------ careless input (issue 16)
 
 

@@ -187,7 +187,8 @@ def _run_convert_chat(args: argparse.Namespace) -> int:
 
 
 def _run_convert_paint(args: argparse.Namespace) -> int:
-    from .conversion.paint import convert_paint, paint_to_original
+    with _needs_extra("converting Paint", "paint"):
+        from .conversion.paint import convert_paint, paint_to_original
 
     def to_hub(args):
         if args.vae is None or not args.vae.is_dir():
@@ -457,7 +458,8 @@ def _run_paint(args: argparse.Namespace) -> int:
 def _draw(args: argparse.Namespace) -> int:
     import torch
 
-    from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+    with _needs_extra("viscpm paint", "paint"):
+        from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 
     paths = _image_paths(args.output, args.num_images)
     pipeline = _load("pipeline", VisCPMPaintPipeline.from_pretrained, args.model)
