@@ -56,20 +56,28 @@ def test_an_experiment_without_its_extra_says_so_and_leaves_no_folder(capsys, mo
 
 
 @pytest.mark.parametrize(
-    "argv, what",
+    "argv, missing, message",
     [
-        (["paint", "a red circle", "-o", "x.png"], "viscpm paint"),
-        (["convert", "paint", "--checkpoint", "x.pt", "--output", "out"], "converting Paint"),
+        (["paint", "a red circle", "-o", "x.png"], "diffusers", "viscpm paint needs the paint extra"),
+        (
+            ["convert", "paint", "--checkpoint", "p", "--output", "o"],
+            "diffusers",
+            "converting Paint needs the paint extra",
+        ),
+        (["train", "chat-pretrain", "--set", "model=m"], "datasets", "training needs the train extra"),
+        (["train", "chat-sft", "--set", "model=m"], "peft", "training needs the train extra"),
+        (["merge-lora", "adapter", "--output", "o"], "peft", "merge-lora needs the train extra"),
     ],
 )
-def test_paint_without_its_extra_says_so(capsys, monkeypatch, tmp_path, argv, what):
-    """A wheel installed without extras: diffusers missing is one line naming the extra, not a traceback."""
+def test_a_command_without_its_extra_says_so(capsys, monkeypatch, tmp_path, argv, missing, message):
+    """A wheel installed without extras: a library the command imports only once it runs (found that way) is one
+    line naming the extra, not a traceback, and nothing is written."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` fails as if it were not installed
-    for module in ("viscpm.modeling.pipeline_viscpm_paint", "viscpm.conversion.paint"):
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it fails as if it were not installed
+    for module in ("viscpm.modeling.pipeline_viscpm_paint", "viscpm.conversion.paint", "viscpm.training.merge"):
         monkeypatch.delitem(sys.modules, module, raising=False)  # imported again, as in a fresh process
     code, out, err = run_cli(capsys, *argv)
-    assert code == 2 and f"{what} needs the paint extra (diffusers is missing)" in err and "Traceback" not in err
+    assert code == 2 and f"{message} ({missing} is missing)" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
 
 

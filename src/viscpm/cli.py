@@ -562,6 +562,9 @@ def _log_training() -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     with _needs_extra("training", "train"):
+        import datasets  # noqa: F401  the extra's libraries that the stages import only once they run
+        import peft  # noqa: F401
+
         from .training.run import ConfigError, load_config, train
     _log_training()
     try:

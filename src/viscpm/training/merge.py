@@ -6,16 +6,16 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from peft import PeftModel  # at import time: `viscpm merge-lora` without the train extra names it (cli._needs_extra)
+from transformers import AutoModel, AutoProcessor
+
 
 def merge_lora(adapter: Path, output: Path, base: Path | None = None, overwrite: bool = False) -> Path:
     """The base model in full precision with the adapter merged in, saved (with the base's processor) to `output`.
 
     Written to a temporary folder beside `output` and moved into place when complete.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModel, AutoProcessor
-
     adapter, output = Path(adapter), Path(output)
     adapter_config = adapter / "adapter_config.json"
     if not adapter_config.is_file():
