@@ -707,6 +707,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
                 tune_vision=True,
             )
             log(f"[{time.perf_counter() - started:5.0f} s] {name}: stage 2 on {counts['conversations']} conversations")
+            lora = config.stage2_lora.get(kind)
             stage2 = run_stage(
                 "chat-sft",
                 Path(stage1["saved"]),
@@ -715,9 +716,9 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
                 config,
                 work / "stage2",
                 llm_learning_rate=config.stage2_pivot_learning_rates.get(kind),
-                lora=config.stage2_lora.get(kind),
+                lora=lora,
             )
-            if kind in config.stage2_lora:
+            if lora:  # `viscpm train` saved the adapter alone
                 stage2["saved"] = str(merge_lora(Path(stage2["saved"]), work / "stage2" / "merged", overwrite=True))
             scores = {language: accuracy(Path(stage2["saved"]), evaluation[language]) for language in config.languages}
             held_out = {language: accuracy(Path(stage2["saved"]), items) for language, items in paraphrases.items()}
