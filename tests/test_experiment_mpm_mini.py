@@ -356,6 +356,7 @@ def test_only_default_is_an_option_of_mpm_mini(capsys):
     [
         (["paint-mini", "--pivots", "qwen2"], "--pivots is an option of mpm-mini only"),
         (["paint-mini", "--systems", "mpm"], "--systems is an option of mpm-mini only"),
+        (["paint-mini", "--resume"], "--resume is an option of mpm-mini only"),
         (["mpm-mini", "--only-default", "--pivots", "qwen2"], "leave out --pivots and --systems"),
         (["mpm-mini", "--install-default", "--pivots", "qwen2"], "include mpm and cpmbee"),
         (["mpm-mini", "--install-default", "--systems", "native"], "include mpm and cpmbee"),
@@ -433,6 +434,57 @@ def test_a_run_cut_short_keeps_the_systems_it_finished(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["systems"]) == ["mpm (qwen2)"] and not list(tmp_path.glob("*.partial"))
     assert set(results["systems"]["mpm (qwen2)"]["accuracy"]) == set(config.languages)
+
+
+@pytest.mark.parametrize("kind", mpm_mini.PIVOTS)
+def test_a_trained_pivot_is_saved_with_its_losses_and_loads_as_it_was(kind, tmp_path):
+    from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+    vocab = mpm_mini.write_vocabulary(tmp_path / "vocab.txt")
+    tokenizer = {
+        "cpmbee": lambda: CpmBeeTokenizer(vocab_file=str(vocab)),
+        "qwen2": lambda: mpm_mini.qwen2_tokenizer(vocab.read_text("utf-8").splitlines()),
+    }[kind]()
+    assert mpm_mini.saved_pivot(tmp_path / "pivot") is None
+    model, losses = mpm_mini.train_pivot(mpm_mini.QUICK, tokenizer, ("en", "zh"), tmp_path / "pivot", kind)
+    loaded, saved_losses = mpm_mini.saved_pivot(tmp_path / "pivot")
+    assert type(loaded) is type(model) and saved_losses == losses and len(losses) == mpm_mini.QUICK.pivot_steps
+    weights = model.state_dict()
+    assert loaded.state_dict().keys() == weights.keys()
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in loaded.state_dict().items())
+
+
+def test_a_run_cut_short_and_resumed_trains_only_the_rest_and_makes_the_same_table(tmp_path, monkeypatch, capsys):
+    """--resume keeps the finished systems' rows and loads the pivot they trained: it is not trained again, and every
+    row is the row the run would have written without the cut (the models' folders aside)."""
+
+    def rows(results):
+        return {name: {**entry, "model": None} for name, entry in results["systems"].items()}
+
+    def command(output, *options, exit_code=0):
+        arguments = ["experiment", "mpm-mini", "--quick", "--pivots", "qwen2", *options, "--output", str(output)]
+        assert main(arguments) == exit_code
+        return json.loads((output / "results.json").read_text())
+
+    whole = command(tmp_path / "whole")
+    evaluate, finished = mpm_mini.accuracy, []
+
+    def accuracy_until_the_third_system(model_dir, examples, **kwargs):
+        finished.append(model_dir)
+        if len({path.parents[1] for path in finished}) > 2:  # mpm and english_pivot done, native cut
+            raise KeyboardInterrupt
+        return evaluate(model_dir, examples, **kwargs)
+
+    monkeypatch.setattr(mpm_mini, "accuracy", accuracy_until_the_third_system)
+    cut = command(tmp_path / "cut", exit_code=130)  # interrupted
+    assert list(cut["systems"]) == ["mpm (qwen2)", "english_pivot (qwen2)"]
+    monkeypatch.setattr(mpm_mini, "accuracy", evaluate)
+    monkeypatch.setattr(mpm_mini, "train_pivot", lambda *args: pytest.fail(f"a pivot trained again: {args[2]}"))
+    capsys.readouterr()
+    resumed = command(tmp_path / "cut", "--resume")
+    assert "mpm (qwen2): kept" in capsys.readouterr().out
+    assert resumed["systems"]["mpm (qwen2)"] == cut["systems"]["mpm (qwen2)"]  # its model too: not trained again
+    assert list(resumed["systems"]) == list(whole["systems"]) and rows(resumed) == rows(whole)
 
 
 def test_stage_two_under_lora_keeps_the_pivot_and_evaluates_the_merged_model(tmp_path):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..conversion.export import staged_output
 from ..modeling.structured_cpmbee import CpmBeeCollator
 from . import glossary as g
 
@@ -341,9 +342,12 @@ def pivot_model(config: MiniConfig, tokenizer, kind: str):
     )
 
 
+PIVOT_FOLDER, PIVOT_LOSSES = "model", "losses.json"  # in a pivot's folder of the run
+
+
 def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], output: Path, kind: str = "cpmbee"):
     """A pivot LM of ``kind`` (CPM-Bee, or Qwen2 with ``tokenizer`` a processor's fast tokenizer) trained from
-    scratch on `pivot_prompts` with transformers' Trainer."""
+    scratch on `pivot_prompts` with transformers' Trainer, and saved with its losses in ``output``."""
     import datasets
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -384,7 +388,21 @@ def train_pivot(config: MiniConfig, tokenizer, languages: tuple[str, ...], outpu
     )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    with staged_output(output / PIVOT_FOLDER, overwrite=True) as staging:  # for `run(resume=True)`: whole or absent
+        model.save_pretrained(staging)
+        (staging / PIVOT_LOSSES).write_text(json.dumps(losses), "utf-8")
     return model.eval(), losses
+
+
+def saved_pivot(output: Path):
+    """The pivot and losses `train_pivot` saved in `output`, or None if it saved none there."""
+    from transformers import AutoModelForCausalLM
+
+    folder = output / PIVOT_FOLDER
+    if not (folder / PIVOT_LOSSES).is_file():
+        return None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), json.loads((folder / PIVOT_LOSSES).read_text("utf-8"))
 
 
 def pivot_processor(config: MiniConfig, tokenizer):
@@ -657,15 +675,17 @@ def accuracy(model_dir: Path, examples: list[tuple[str, str, str]], batch_size: 
 # ----------------------------------------------------------------------------------------------------- the run
 
 
-def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
+def run(output: Path, config: MiniConfig, log=PROGRESS, resume: bool = False) -> dict:
     """Every system on every pivot: pivot, stage 1, stage 2, evaluation. Writes the trained models to `output`, and
-    `results.json` each time a system is evaluated (a run cut short keeps the rows it finished: rerun the rest with
-    `pivots` and `systems`); returns the results."""
+    `results.json` each time a system is evaluated, so a run cut short keeps the rows it finished. With `resume`, the
+    systems `results.json` holds are kept and the pivots saved in `output` are loaded rather than trained again: the
+    same run, cut short and resumed, trains only what it had not finished. Returns the results."""
     from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
     from ..training.merge import merge_lora
 
     started = time.perf_counter()
     earlier = earlier_parts(output, config)
+    kept = set(earlier["systems"]) if resume else set()
     train_scenes, train_questions, train_paths = load_world("train")  # without easy-vqa: an error, and no folder
     test_scenes, test_questions, test_paths = load_world("test")
     output.mkdir(parents=True, exist_ok=True)
@@ -688,10 +708,15 @@ def run(output: Path, config: MiniConfig, log=PROGRESS) -> dict:
             name = system if kind == "cpmbee" else f"{system} ({kind})"  # the CPM-Bee rows keep their names
             languages = ("en",) if system == "english_pivot" else tuple(config.languages)
             work = output / name.replace(" (", "-").rstrip(")")
+            if name in kept:
+                log(f"[{time.perf_counter() - started:5.0f} s] {name}: kept from the earlier run's results.json")
+                continue
             if languages not in pivots:
-                log(f"[{time.perf_counter() - started:5.0f} s] {kind} pivot on {'+'.join(languages)} text")
                 pivot_dir = output / f"pivot-{kind}-{'-'.join(languages)}"
-                pivots[languages] = train_pivot(config, tokenizer, languages, pivot_dir, kind)
+                saved = saved_pivot(pivot_dir) if resume else None
+                where = f"saved in {pivot_dir.name}" if saved else "text"
+                log(f"[{time.perf_counter() - started:5.0f} s] {kind} pivot on {'+'.join(languages)} {where}")
+                pivots[languages] = saved or train_pivot(config, tokenizer, languages, pivot_dir, kind)
             pivot, pivot_losses = pivots[languages]
             base = chat_folder(config, pivot, tokenizer, work / "base")
             counts = write_stage_data(work / "data", config, system, train_scenes, train_questions, train_paths)
