@@ -520,6 +520,31 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     assert stage1["native"] == mpm_mini.QUICK.native_stage1_scale * stage1["mpm"] > stage1["mpm"], stage1
 
 
+def test_installed_default_decodes_greedily_holds_no_code_and_replaces_the_earlier_one(tmp_path):
+    from transformers import AutoModel, GenerationConfig
+
+    from tiny_models import tiny_chat
+
+    model, processor = tiny_chat(tmp_path)
+    model.save_pretrained(tmp_path / "trained")
+    processor.save_pretrained(tmp_path / "trained")
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "stale.json").write_text("{}")  # the earlier default's: not to survive the install
+    results = {"systems": {"mpm": {"model": str(tmp_path / "trained")}}}
+    installed = mpm_mini.install_default(results, "mpm", tmp_path / "default")
+    assert installed == tmp_path / "default" and sorted(path.name for path in tmp_path.iterdir()) == [
+        "default",
+        "trained",
+        "vocab.txt",
+    ]
+    assert not (installed / "stale.json").exists() and not list(installed.glob("*.py"))
+    assert not [path for path in installed.glob("*.json") if "auto_map" in path.read_text()]
+    generation = GenerationConfig.from_pretrained(installed)
+    assert generation.num_beams == 1 and generation.max_new_tokens == mpm_mini.EVAL_NEW_TOKENS
+    loaded = AutoModel.from_pretrained(installed).state_dict()
+    assert all(torch.equal(tensor, loaded[name]) for name, tensor in model.state_dict().items())
+
+
 def test_shipped_default_answers_held_out_questions_in_both_languages():
     """The default `viscpm chat` model on 120 balanced held-out questions per language (English, and Chinese in
     phrasings its training never saw). It scores 95.0% / 90.8% there (on 600 items: 95.7% / 92.2%; issue 17's goal

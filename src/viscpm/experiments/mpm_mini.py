@@ -866,15 +866,12 @@ def install_default(results: dict, system: str, destination: Path) -> Path:
     from transformers import GenerationConfig
 
     source = Path(results["systems"][system]["model"])
-    staging = destination.with_name(f".{destination.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    generation = GenerationConfig.from_pretrained(staging)
-    generation.update(num_beams=1, length_penalty=1.0, early_stopping=False, max_new_tokens=EVAL_NEW_TOKENS)
-    generation.save_pretrained(staging)
-    without_remote_code(staging)
-    shutil.rmtree(destination, ignore_errors=True)
-    staging.rename(destination)
+    with staged_output(destination, overwrite=True) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        generation = GenerationConfig.from_pretrained(staging)
+        generation.update(num_beams=1, length_penalty=1.0, early_stopping=False, max_new_tokens=EVAL_NEW_TOKENS)
+        generation.save_pretrained(staging)
+        without_remote_code(staging)
     return destination
 
 

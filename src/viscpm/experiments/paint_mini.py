@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..conversion.export import staged_output
 from ..training.paint import vae_pixels
 from . import glossary as g
 from . import mpm_mini
@@ -454,11 +454,8 @@ def install_default(results: dict, system: str, destination: Path) -> Path:
     from ..modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 
     pipeline = VisCPMPaintPipeline.from_pretrained(results["systems"][system]["model"])
-    staging = destination.with_name(f".{destination.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging, remote_code=False)
-    shutil.rmtree(destination, ignore_errors=True)
-    staging.rename(destination)
+    with staged_output(destination, overwrite=True) as staging:
+        pipeline.save_pretrained(staging, remote_code=False)
     return destination
 
 

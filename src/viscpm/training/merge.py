@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from peft import PeftModel  # at import time: `viscpm merge-lora` without the train extra names it (cli._needs_extra)
 from transformers import AutoModel, AutoProcessor
 
+from ..conversion.export import staged_output
+
 
 def merge_lora(adapter: Path, output: Path, base: Path | None = None, overwrite: bool = False) -> Path:
     """The base model in full precision with the adapter merged in, saved (with the base's processor) to `output`.
 
-    Written to a temporary folder beside `output` and moved into place when complete.
+    Written to a temporary folder beside `output` and moved into place when complete (`staged_output`).
     """
     adapter, output = Path(adapter), Path(output)
     adapter_config = adapter / "adapter_config.json"
@@ -32,10 +33,7 @@ def merge_lora(adapter: Path, output: Path, base: Path | None = None, overwrite:
     # full precision whatever the adapter was trained on: merging into 4-bit weights would round the update away
     model = AutoModel.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    AutoProcessor.from_pretrained(base).save_pretrained(staging)
-    shutil.rmtree(output, ignore_errors=True)
-    staging.rename(output)
+    with staged_output(output, overwrite) as staging:
+        merged.save_pretrained(staging)
+        AutoProcessor.from_pretrained(base).save_pretrained(staging)
     return output
