@@ -487,6 +487,30 @@ def test_a_run_cut_short_and_resumed_trains_only_the_rest_and_makes_the_same_tab
     assert list(resumed["systems"]) == list(whole["systems"]) and rows(resumed) == rows(whole)
 
 
+def test_a_run_cut_before_its_first_row_keeps_its_pivot_from_another_recipes_resume(tmp_path, monkeypatch, capsys):
+    """The folder names its recipe before anything trains: a pivot saved by a run cut before its first evaluation is
+    not loaded by a --resume of another seed, which is refused."""
+    monkeypatch.setattr(mpm_mini, "accuracy", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    arguments = [
+        "experiment",
+        "mpm-mini",
+        "--quick",
+        "--pivots",
+        "qwen2",
+        "--systems",
+        "mpm",
+        "--output",
+        str(tmp_path),
+    ]
+    assert main(arguments) == 130
+    pivot = tmp_path / "pivot-qwen2-en-zh-de-fr-es-it-pt" / mpm_mini.PIVOT_FOLDER / "model.safetensors"
+    saved = pivot.read_bytes()
+    assert json.loads((tmp_path / "results.json").read_text())["systems"] == {}
+    assert main([*arguments, "--resume", "--seed", "1"]) == 2
+    assert "holds the table of another recipe (seed: 0 there, 1 here)" in capsys.readouterr().err
+    assert pivot.read_bytes() == saved
+
+
 def test_stage_two_under_lora_keeps_the_pivot_and_evaluates_the_merged_model(tmp_path):
     """`stage2_lora` for a pivot kind: stage 2 trains adapters on the frozen pivot and the vision side whole, and the
     model evaluated is the adapter merged into stage 1's."""

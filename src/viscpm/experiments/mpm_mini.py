@@ -702,6 +702,7 @@ def run(output: Path, config: MiniConfig, log=PROGRESS, resume: bool = False) ->
         "test_images": len(test_scenes),
         "eval_questions_per_language": len(evaluation["en"]),
     }
+    write_results(output, results)  # the folder is this recipe's before anything trains: `resume` trusts its pivots
     for kind in config.pivots:
         tokenizer, pivots = tokenizers[kind], {}
         for system in config.systems:
@@ -757,10 +758,15 @@ def run(output: Path, config: MiniConfig, log=PROGRESS, resume: bool = False) ->
                 "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
             }
             results["seconds"] = round(time.perf_counter() - started)
-            text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
-            (output / "results.json.partial").write_text(text, "utf-8")
-            (output / "results.json.partial").replace(output / "results.json")  # whole, or the earlier one
+            write_results(output, results)
     return results
+
+
+def write_results(output: Path, results: dict) -> None:
+    """`results.json`, whole, or the earlier one left as it was."""
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    (output / "results.json.partial").write_text(text, "utf-8")
+    (output / "results.json.partial").replace(output / "results.json")
 
 
 class OtherResultsError(ValueError):
