@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import REPO_ROOT
 from viscpm import defaults
@@ -538,6 +539,9 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     for entry in results["systems"].values():
         assert set(entry["accuracy"]) == set(g.LANGUAGES) and all(0 <= v <= 1 for v in entry["accuracy"].values())
         assert entry["losses"]["stage2"]
+        # where the row was trained: its scores compare bit for bit only with rows of the same machine and versions
+        assert entry["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert entry["machine"]["transformers"] == transformers.__version__ and entry["machine"]["cpu"]
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and "| mpm |" in capsys.readouterr().out
     # a logged loss per step at QUICK's few steps: the native system's stage 1, on captions in every language, is longer
     stage1 = {name: len(entry["losses"]["stage1"]) for name, entry in results["systems"].items()}

@@ -756,10 +756,33 @@ def run(output: Path, config: MiniConfig, log=PROGRESS, resume: bool = False) ->
                 "model": stage2["saved"],
                 "data": counts,
                 "losses": {"pivot": pivot_losses, "stage1": stage1["losses"], "stage2": stage2["losses"]},
+                "machine": machine(),
             }
             results["seconds"] = round(time.perf_counter() - started)
             write_results(output, results)
     return results
+
+
+def machine() -> dict:
+    """Where a row was trained. The same command, seed and versions train bit for bit the same models on one machine,
+    but not across CPUs: torch dispatches other kernels by the instruction set (`cpu_capability`), which sum in
+    another order, and thousands of steps carry the difference into the scores (docs/mpm-mini.md, "Run N")."""
+    import platform
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(errors="replace"), flags=re.MULTILINE)
+        cpu = names[0].strip() if names else cpu
+    packages = ("torch", "transformers", "accelerate", "datasets", "peft", "tokenizers")
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        **{package: version(package) for package in packages},
+    }
 
 
 def write_results(output: Path, results: dict) -> None:
