@@ -107,3 +107,41 @@ def add_lora(model: nn.Module, lora: dict, quantized: bool, gradient_checkpointi
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def caption_distillation_loss(model: nn.Module, student: dict, student_outputs, teacher: dict) -> torch.Tensor:
+    """Stage 1's feature target: the pivot's states after the image, made to match its states after the image's
+    caption written in the image slot (`teacher`, the same sample with the caption's tokens there; the frozen pivot
+    reads it without gradient). MpM's premise is that the image is read as the pivot reads its description; the
+    caption's tokens train the image only on the answer, these targets on every layer's reading of it, at every
+    token after it (the request, the answer), which is what later questions about the image draw on.
+
+    The tokens after the image slot are the same in both samples; each layer's squared distance over them is divided
+    by the teacher states' squared norm there (a scale-free distance: the pivot's widths and depths differ), and the
+    layers are averaged. The embedding layer is left out: its states after the slot are the tokens' own in both."""
+    with torch.no_grad():
+        teacher_inputs = {name: value for name, value in teacher.items() if name != "labels"}
+        teacher_states = model(**teacher_inputs, output_hidden_states=True).hidden_states[1:]
+    student_states = student_outputs.hidden_states[1:]
+    device = student_states[0].device
+    student_end, teacher_end = (
+        batch["image_bound"].reshape(len(batch["image_bound"]), -1, 2)[:, :1, 1].to(device)
+        for batch in (student, teacher)
+    )
+    student_length, teacher_length = (
+        batch["attention_mask"].sum(1, keepdim=True).to(device) for batch in (student, teacher)
+    )
+    if not torch.equal(student_length - student_end, teacher_length - teacher_end):
+        raise ValueError(
+            "caption distillation: a teacher sample's tokens after the image slot differ from its student's"
+        )
+    positions = torch.arange(student_states[0].shape[1], device=device)[None]
+    after_image = (positions >= student_end) & (positions < student_length)
+    teacher_index = (positions - student_end + teacher_end).clamp(0, teacher_states[0].shape[1] - 1)
+    teacher_index = teacher_index[..., None].expand(-1, -1, student_states[0].shape[-1])
+    distances = []
+    for student_layer, teacher_layer in zip(student_states, teacher_states):
+        target = teacher_layer.gather(1, teacher_index).to(student_layer.dtype)
+        squared_error = ((student_layer - target) ** 2).sum(-1)[after_image].sum()
+        distances.append(squared_error / (target**2).sum(-1)[after_image].sum().clamp(min=1e-12))
+    return torch.stack(distances).mean()

@@ -377,6 +377,11 @@ class StructuredSamples:
     def __call__(self, prompt: dict) -> dict:
         return training_sample(self.tokenizer, prompt, self.max_length)
 
+    def caption_written_in(self, prompt: dict) -> dict:
+        """A caption prompt's sample with its caption (the answer) written in the image slot instead of the image
+        placeholders: `image_bound` then spans the caption's tokens."""
+        return self(prompt | {"image": prompt["<ans>"]})
+
 
 @dataclass
 class PivotSamples:
@@ -388,11 +393,47 @@ class PivotSamples:
     columns = ("input_ids", "labels", "image_bound", "image")
 
     def __call__(self, turn: Turn) -> dict:
+        return self.with_image_slot(turn, [self.processor.image_placeholder_id] * self.processor.query_num)
+
+    def caption_written_in(self, turn: Turn) -> dict:
+        """A caption turn's sample with its caption (the answer) written in the image slot instead of the image
+        placeholders: `image_bound` then spans the caption's tokens."""
+        return self.with_scene_written(turn, turn.answer)
+
+    def with_scene_written(self, turn: Turn, scene: str) -> dict:
+        """``turn``'s sample with ``scene`` as text in the image slot. The scene is tokenized apart from the text
+        around it, as the image's placeholders are: tokenized as one text, its last word and the question's first
+        can fuse into one unknown word ("triangleWhat") and the scene is lost."""
+        return self.with_image_slot(turn, self.processor.tokenizer(scene, add_special_tokens=False)["input_ids"])
+
+    def with_image_slot(self, turn: Turn, slot_ids: list[int]) -> dict:
         prompt, image_start = self.processor.prompt_ids(turn.question, turn.context)
+        prompt[image_start : image_start + self.processor.query_num] = slot_ids
         sample = answer_labelled(self.processor.tokenizer, prompt, turn.answer)
         if len(sample["input_ids"]) > self.max_length:
             raise SkippedRecord(f"over max_length={self.max_length} tokens")
-        return sample | {"image_bound": [[image_start, image_start + self.processor.query_num]]}
+        return sample | {"image_bound": [[image_start, image_start + len(slot_ids)]]}
+
+
+TEACHER_PREFIX = "teacher_"  # the columns and batch entries of the caption-distillation targets' inputs
+
+
+@dataclass
+class CaptionDistillationSamples:
+    """Caption samples with, beside each, its teacher: the same sample with the caption written in the image slot
+    (`teacher_`-prefixed columns), which the frozen pivot reads to give the targets of stage 1's
+    `caption_distillation` (`viscpm.training.chat.caption_distillation_loss`)."""
+
+    samples: StructuredSamples | PivotSamples
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        text_columns = tuple(name for name in self.samples.columns if name != "image")
+        return (*self.samples.columns, *(TEACHER_PREFIX + name for name in text_columns))
+
+    def __call__(self, prompt) -> dict:
+        teacher = self.samples.caption_written_in(prompt)
+        return self.samples(prompt) | {TEACHER_PREFIX + name: value for name, value in teacher.items()}
 
 
 def answer_labelled(tokenizer, prompt: list[int], answer: str) -> dict:
@@ -539,6 +580,26 @@ class ImageTextCollator:
         return batch
 
 
+@dataclass
+class CaptionDistillationCollator:
+    """`CaptionDistillationSamples` -> the model batch of ``collator`` plus the teacher's text batch (``text_collator``
+    over the `teacher_` columns), its entries `teacher_`-prefixed, `teacher_image_bound` the written captions'."""
+
+    collator: Callable[[Sequence[Mapping]], dict]
+    text_collator: Callable[[Sequence[Mapping]], dict]
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        teacher_rows = [
+            {name.removeprefix(TEACHER_PREFIX): value for name, value in row.items() if name.startswith(TEACHER_PREFIX)}
+            for row in rows
+        ]
+        teacher = self.text_collator(teacher_rows)
+        teacher["image_bound"] = torch.tensor([row["image_bound"] for row in teacher_rows]).reshape(len(rows), -1, 2)
+        student_rows = [{name: row[name] for name in row if not name.startswith(TEACHER_PREFIX)} for row in rows]
+        student = self.collator(student_rows)
+        return student | {TEACHER_PREFIX + name: value for name, value in teacher.items()}
+
+
 def pixel_batch(rows: Sequence[Mapping], image_transform: Callable[[PIL.Image.Image], Any]) -> torch.Tensor:
     return torch.stack([image_transform(open_image(row["image"])) for row in rows])
 
@@ -567,3 +628,16 @@ class PivotCollator:
             batch["image_bound"] = torch.tensor([row["image_bound"] for row in rows])
             batch["pixel_values"] = pixel_batch(rows, self.image_transform)
         return batch
+
+
+def chat_collator(processor, max_length: int, image_transform, caption_distillation: bool = False):
+    """How VisCPM-Chat training batches its samples: CPM-Bee's structured batches or another pivot's padded ones,
+    with the pixels through ``image_transform``; with ``caption_distillation``, each with its teacher's text batch
+    (`CaptionDistillationCollator`)."""
+    if processor.pivot_is_cpmbee:
+        collator = ImageTextCollator(processor.tokenizer, max_length, image_transform)
+        text_collator = CpmBeeCollator(processor.tokenizer, max_length, pad_to_longest=True)
+    else:
+        collator = PivotCollator(processor.pad_token_id, image_transform)
+        text_collator = PivotCollator(processor.pad_token_id, None)
+    return CaptionDistillationCollator(collator, text_collator) if caption_distillation else collator

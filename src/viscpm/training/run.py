@@ -13,6 +13,9 @@ The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any
     tune_llm / tune_vision:    chat stages (defaults per stage below)
     llm_learning_rate: null    chat stages: the pivot's own learning rate (its LoRA adapters' under `lora`); the
                                vision side, queries and mapping keep training.learning_rate. null: the same for all
+    caption_distillation: null chat-pretrain only, caption sources, pivot frozen: a weight (e.g. 1.0) for a second
+                               loss, the pivot's states after the image made to match those after its caption written
+                               in the image slot (viscpm.training.chat.caption_distillation_loss). null: captions only
     lora: {r, alpha, dropout, target_modules, modules_to_save, quantization: null | nf4 | int8}   chat-sft only
     paint: {resolution, caption_dropout, token_dropout,
             unfreeze: [{step, train: [bridge | unet_cross_attention | unet]}, ...]}
@@ -50,6 +53,7 @@ DEFAULTS = {
     "tune_llm": None,
     "tune_vision": None,
     "llm_learning_rate": None,
+    "caption_distillation": None,
     "lora": None,
     "paint": {"resolution": 512, "caption_dropout": 0.1, "token_dropout": 0.0, "unfreeze": None},
     "training": {},
@@ -126,6 +130,7 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
         raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
     check_llm_learning_rate(stage, config)
     specs = source_specs(config)  # here, before a model loads: a wrong source costs no loading time
+    check_caption_distillation(stage, config, specs)
     if stage == "paint" and any(spec.caption_requests for spec in specs):
         raise ConfigError("caption_requests: Paint's prompt is the caption alone, asked with no request; leave it out")
     if stage == "paint" and config["training"].get("deepspeed") and len(config["paint"]["unfreeze"] or [0, 0]) > 1:
@@ -157,6 +162,35 @@ def check_llm_learning_rate(stage: str, config: dict) -> None:
     if not config["tune_llm"] and config["lora"] is None:
         raise ConfigError(
             f"llm_learning_rate is set, but {stage} keeps the pivot frozen: set tune_llm: true, or leave it out"
+        )
+
+
+def check_caption_distillation(stage: str, config: dict, specs) -> None:
+    """`caption_distillation` as a float weight, where it can apply: stage 1's captions, read by a frozen pivot."""
+    weight = config["caption_distillation"]
+    if weight is None:
+        return
+    try:
+        number = float(weight) if not isinstance(weight, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number > 0 or math.isinf(number):
+        raise ConfigError(f"caption_distillation must be a positive weight (e.g. 1.0) or null, got {weight!r}")
+    config["caption_distillation"] = number
+    if stage != "chat-pretrain":
+        raise ConfigError(
+            "caption_distillation applies to chat-pretrain only: its targets are a caption written in the image slot"
+        )
+    if config["tune_llm"]:
+        raise ConfigError(
+            "caption_distillation needs the pivot frozen (its own reading of the caption is the target): leave "
+            "tune_llm false, or caption_distillation out"
+        )
+    others = [spec.name for spec in specs if spec.kind != "caption"]
+    if others:
+        raise ConfigError(
+            f"caption_distillation: the sources {others} are not captions, and only a caption can be written in the "
+            "image slot as the target: give chat-pretrain caption sources only, or leave caption_distillation out"
         )
 
 
@@ -199,7 +233,7 @@ def build_chat(stage: str, config: dict, arguments):
     from transformers import AutoModel, AutoProcessor
 
     from .chat import add_lora, bitsandbytes_config, set_chat_trainable, trainable_summary
-    from .data import ChatPrompts, ImageTextCollator, PivotCollator, build_training_data, chat_samples
+    from .data import CaptionDistillationSamples, ChatPrompts, build_training_data, chat_collator, chat_samples
 
     lora = config["lora"]
     quantization = bitsandbytes_config(lora.get("quantization")) if lora else None
@@ -215,9 +249,12 @@ def build_chat(stage: str, config: dict, arguments):
         set_chat_trainable(model, tune_llm=config["tune_llm"], tune_vision=config["tune_vision"])
     logger.info("%s: %s", stage, trainable_summary(model))
     data = config["data"]
+    samples = chat_samples(processor, data["max_length"])
+    if config["caption_distillation"] is not None:
+        samples = CaptionDistillationSamples(samples)
     dataset, report = build_training_data(
         source_specs(config),
-        chat_samples(processor, data["max_length"]),
+        samples,
         lambda spec: ChatPrompts(spec.kind, processor, spec.caption_requests),
         min_image_size=data["min_image_size"],
         rounds=data["conversation_rounds"],
@@ -227,10 +264,7 @@ def build_chat(stage: str, config: dict, arguments):
     def pixels(image):
         return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
-    if processor.pivot_is_cpmbee:
-        collator = ImageTextCollator(processor.tokenizer, data["max_length"], pixels)
-    else:
-        collator = PivotCollator(processor.pad_token_id, pixels)
+    collator = chat_collator(processor, data["max_length"], pixels, config["caption_distillation"] is not None)
     return model, processor, dataset, report, collator, []
 
 
@@ -352,9 +386,14 @@ def train(stage: str, config: dict, resume: bool = False):
             "`optimizer` section from the DeepSpeed config (the Trainer then builds it from `training:`)"
         )
 
-    from .chat import give_the_pivot_its_learning_rate
+    from .chat import caption_distillation_loss, give_the_pivot_its_learning_rate
+    from .data import TEACHER_PREFIX
+
+    distillation_weight = config["caption_distillation"]
 
     class VisCPMTrainer(Trainer):
+        distillation_losses: list[float] = []  # since the last log
+
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 super().create_optimizer(model)
@@ -363,6 +402,37 @@ def train(stage: str, config: dict, resume: bool = False):
                         self.optimizer, self.model if model is None else model, llm_learning_rate
                     )
             return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """The caption loss, plus `caption_distillation` times `caption_distillation_loss` when it is set."""
+            teacher = {
+                name.removeprefix(TEACHER_PREFIX): inputs.pop(name)
+                for name in list(inputs)
+                if name.startswith(TEACHER_PREFIX)
+            }
+            if not teacher:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, {**inputs, "output_hidden_states": True}, True, num_items_in_batch
+            )
+            distance = caption_distillation_loss(model, inputs, outputs, teacher)
+            self.distillation_losses.append(distance.item())
+            caption_loss_is_scaled = self.loss_is_scaled_for_ga
+            if caption_loss_is_scaled is None:  # as `Trainer.training_step` decides it
+                caption_loss_is_scaled = (
+                    self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                ) or self.compute_loss_func is not None
+            if caption_loss_is_scaled:
+                # the caption loss came normalised over the whole accumulated step; this one is per micro-batch
+                distance = distance / self.current_gradient_accumulation_steps
+            loss = loss + distillation_weight * distance
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self.distillation_losses and "loss" in logs:
+                logs["caption_distillation"] = round(sum(self.distillation_losses) / len(self.distillation_losses), 6)
+                self.distillation_losses = []
+            super().log(logs, *args, **kwargs)
 
     set_seed(config["seed"])
     if stage == "paint":
@@ -399,6 +469,9 @@ def train(stage: str, config: dict, resume: bool = False):
         "first_step_here": steps.first,
         "train_loss": result.training_loss,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "caption_distillation_losses": [
+            entry["caption_distillation"] for entry in trainer.state.log_history if "caption_distillation" in entry
+        ],
         "data": report.as_dict(),
     }
     if writer:
