@@ -167,9 +167,9 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path):
     [
         ("chat-sft", {}, "chat-pretrain only"),
         ("chat-pretrain", {"tune_llm": True}, "pivot frozen"),
-        ("chat-pretrain", {"caption_distillation": -1}, "positive weight"),
-        ("chat-pretrain", {"caption_distillation": "much"}, "positive weight"),
-        ("chat-pretrain", {"caption_distillation": True}, "positive weight"),
+        ("chat-pretrain", {"caption_distillation": -1}, "positive number"),
+        ("chat-pretrain", {"caption_distillation": "much"}, "positive number"),
+        ("chat-pretrain", {"caption_distillation": True}, "positive number"),
         ("chat-pretrain", {"conversations": True}, "not captions"),
     ],
 )

@@ -145,18 +145,25 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
     return config
 
 
-def check_llm_learning_rate(stage: str, config: dict) -> None:
-    """`llm_learning_rate` as a float (YAML reads "2e-4", without a dot, as a string), where it can apply."""
-    rate = config["llm_learning_rate"]
-    if rate is None:
-        return
+def positive_number(config: dict, key: str, example: str) -> float | None:
+    """`config[key]` as a positive float (YAML reads "2e-4", without a dot, as a string), or None if it is null."""
+    value = config[key]
+    if value is None:
+        return None
     try:
-        number = float(rate) if not isinstance(rate, bool) else math.nan
+        number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         number = math.nan
     if not number > 0 or math.isinf(number):
-        raise ConfigError(f"llm_learning_rate must be a positive number (e.g. 2e-4) or null, got {rate!r}")
-    config["llm_learning_rate"] = number
+        raise ConfigError(f"{key} must be a positive number (e.g. {example}) or null, got {value!r}")
+    config[key] = number
+    return number
+
+
+def check_llm_learning_rate(stage: str, config: dict) -> None:
+    """`llm_learning_rate` as a float, where it can apply."""
+    if positive_number(config, "llm_learning_rate", "2e-4") is None:
+        return
     if stage == "paint":
         raise ConfigError("llm_learning_rate applies to the chat stages: Paint keeps its pivot frozen")
     if not config["tune_llm"] and config["lora"] is None:
@@ -167,16 +174,8 @@ def check_llm_learning_rate(stage: str, config: dict) -> None:
 
 def check_caption_distillation(stage: str, config: dict, specs) -> None:
     """`caption_distillation` as a float weight, where it can apply: stage 1's captions, read by a frozen pivot."""
-    weight = config["caption_distillation"]
-    if weight is None:
+    if positive_number(config, "caption_distillation", "1.0") is None:
         return
-    try:
-        number = float(weight) if not isinstance(weight, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not number > 0 or math.isinf(number):
-        raise ConfigError(f"caption_distillation must be a positive weight (e.g. 1.0) or null, got {weight!r}")
-    config["caption_distillation"] = number
     if stage != "chat-pretrain":
         raise ConfigError(
             "caption_distillation applies to chat-pretrain only: its targets are a caption written in the image slot"
