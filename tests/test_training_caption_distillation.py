@@ -19,6 +19,7 @@ from viscpm.training.data import (
     chat_collator,
     chat_samples,
     png_bytes,
+    split_teacher,
 )
 from viscpm.training.run import ConfigError, load_config, train
 
@@ -75,19 +76,15 @@ def test_the_distance_is_each_layers_relative_error_after_the_image_whatever_the
     rows = distillation_rows(processor)
     collator = chat_collator(processor, 96, pixels_of(processor), caption_distillation=True)
 
-    def split(batch):
-        own = {name: value for name, value in batch.items() if not name.startswith(TEACHER_PREFIX)}
-        return own, {name.removeprefix(TEACHER_PREFIX): value for name, value in batch.items() if name not in own}
-
     with torch.no_grad():
-        student, teacher = split(collator(rows))
+        student, teacher = split_teacher(collator(rows))
         assert len({int(length) for length in teacher["attention_mask"].sum(1)}) > 1  # padding is exercised
         outputs = model(**student, output_hidden_states=True)
         batched = caption_distillation_loss(model, student, outputs, teacher)
 
         errors, norms = None, None
         for row in rows:
-            alone, alone_teacher = split(collator([row]))
+            alone, alone_teacher = split_teacher(collator([row]))
             student_after = per_layer_sums(model, alone, row["image_bound"][0][1], len(row["input_ids"]))
             teacher_after = per_layer_sums(
                 model,
@@ -110,8 +107,7 @@ def distance_on(folder, rows) -> float:
 
     model, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
     batch = chat_collator(processor, 96, pixels_of(processor), caption_distillation=True)(rows)
-    student = {name: value for name, value in batch.items() if not name.startswith(TEACHER_PREFIX)}
-    teacher = {name.removeprefix(TEACHER_PREFIX): value for name, value in batch.items() if name not in student}
+    student, teacher = split_teacher(batch)
     with torch.no_grad():
         return caption_distillation_loss(model, student, model(**student, output_hidden_states=True), teacher).item()
 

@@ -418,6 +418,12 @@ class PivotSamples:
 TEACHER_PREFIX = "teacher_"  # the columns and batch entries of the caption-distillation targets' inputs
 
 
+def split_teacher(entries: Mapping) -> tuple[dict, dict]:
+    """A sample's or batch's own entries, and its teacher's (`teacher_`-prefixed ones, the prefix removed)."""
+    own = {name: value for name, value in entries.items() if not name.startswith(TEACHER_PREFIX)}
+    return own, {name.removeprefix(TEACHER_PREFIX): value for name, value in entries.items() if name not in own}
+
+
 @dataclass
 class CaptionDistillationSamples:
     """Caption samples with, beside each, its teacher: the same sample with the caption written in the image slot
@@ -589,15 +595,10 @@ class CaptionDistillationCollator:
     text_collator: Callable[[Sequence[Mapping]], dict]
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
-        teacher_rows = [
-            {name.removeprefix(TEACHER_PREFIX): value for name, value in row.items() if name.startswith(TEACHER_PREFIX)}
-            for row in rows
-        ]
+        student_rows, teacher_rows = zip(*map(split_teacher, rows))
         teacher = self.text_collator(teacher_rows)
         teacher["image_bound"] = torch.tensor([row["image_bound"] for row in teacher_rows]).reshape(len(rows), -1, 2)
-        student_rows = [{name: row[name] for name in row if not name.startswith(TEACHER_PREFIX)} for row in rows]
-        student = self.collator(student_rows)
-        return student | {TEACHER_PREFIX + name: value for name, value in teacher.items()}
+        return self.collator(student_rows) | {TEACHER_PREFIX + name: value for name, value in teacher.items()}
 
 
 def pixel_batch(rows: Sequence[Mapping], image_transform: Callable[[PIL.Image.Image], Any]) -> torch.Tensor:

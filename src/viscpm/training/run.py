@@ -386,12 +386,14 @@ def train(stage: str, config: dict, resume: bool = False):
         )
 
     from .chat import caption_distillation_loss, give_the_pivot_its_learning_rate
-    from .data import TEACHER_PREFIX
+    from .data import split_teacher
 
     distillation_weight = config["caption_distillation"]
 
     class VisCPMTrainer(Trainer):
-        distillation_losses: list[float] = []  # since the last log
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.distillation_losses: list[float] = []  # caption distillation distances since the last log
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -404,11 +406,7 @@ def train(stage: str, config: dict, resume: bool = False):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """The caption loss, plus `caption_distillation` times `caption_distillation_loss` when it is set."""
-            teacher = {
-                name.removeprefix(TEACHER_PREFIX): inputs.pop(name)
-                for name in list(inputs)
-                if name.startswith(TEACHER_PREFIX)
-            }
+            inputs, teacher = split_teacher(inputs)
             if not teacher:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, outputs = super().compute_loss(
