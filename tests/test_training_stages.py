@@ -63,6 +63,18 @@ def test_chat_pretrain_trains_the_queries_and_language_experts_only(tmp_path):
     assert_answers_alike_as_remote_code(Path(summary["saved"]), tmp_path)
 
 
+def test_tune_patch_embedding_trains_the_patch_embedding_and_class_token_too(tmp_path):
+    """For a vision encoder that starts random (mpm-mini's), where the original keeps BEiT-3's pretrained one."""
+    folder = chat_folder(tmp_path)
+    before = state(AutoModel.from_pretrained(folder))
+    entries = chat_config(tmp_path, folder, "run", tune_patch_embedding=True)
+    summary, _ = train("chat-pretrain", load_config("chat-pretrain", str(write_config(tmp_path / "c.yaml", **entries))))
+    after = state(AutoModel.from_pretrained(summary["saved"]))
+    embedding = [name for name in before if "patch_embedding" in name or "cls_token" in name]
+    assert embedding and all(not torch.equal(before[name], after[name]) for name in embedding)
+    assert all(torch.equal(before[name], after[name]) for name in before if ".image." in name or "llm." in name)
+
+
 def test_chat_sft_trains_everything_but_the_patch_embedding(tmp_path):
     folder = chat_folder(tmp_path)
     before = state(AutoModel.from_pretrained(folder))
@@ -224,6 +236,12 @@ def test_config_errors_name_the_entry(tmp_path):
         load_config(
             "chat-pretrain", None, ["model=m", "output_dir=o", "data.sources=[{path: c.jsonl, caption_requests: []}]"]
         )
+    with pytest.raises(ConfigError, match="tune_patch_embedding must be true or false"):
+        load_config("chat-sft", None, ["model=m", "output_dir=o", "tune_patch_embedding=yes please"])
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        load_config("chat-sft", None, ["model=m", "output_dir=o", "tune_patch_embedding=true", "lora.r=4"])
+    with pytest.raises(ConfigError, match="Paint has no vision encoder"):
+        load_config("paint", None, ["model=m", "output_dir=o", "tune_patch_embedding=true"])
     with pytest.raises(ConfigError, match="Paint keeps its pivot frozen"):
         load_config("paint", None, ["model=m", "output_dir=o", "llm_learning_rate=1e-4"])
     assert main(["train", "paint", "--config", str(tmp_path / "absent.yaml")]) == 2

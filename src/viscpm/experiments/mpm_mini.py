@@ -567,7 +567,15 @@ def with_yes_share(question: tuple, scenes: dict, yes_share: float, rng: random.
 
 
 def run_stage(
-    stage: str, model: Path, sources: list[dict], steps: int, config, output: Path, max_length: int = 96, **sections
+    stage: str,
+    model: Path,
+    sources: list[dict],
+    steps: int,
+    config,
+    output: Path,
+    max_length: int = 96,
+    image_augmentation: str | None = None,
+    **sections,
 ) -> dict:
     """`viscpm train STAGE` in-process on `sources` (`data.sources` entries), with the experiment's seed, batch size
     and learning rate (`config`'s) and a cosine schedule; `sections` are further config sections (Paint's `paint`)."""
@@ -577,7 +585,7 @@ def run_stage(
         "model": str(model),
         "output_dir": str(output),
         "seed": config.seed,
-        "data": {"sources": sources, "max_length": max_length},
+        "data": {"sources": sources, "max_length": max_length, "image_augmentation": image_augmentation},
         "training": {
             "max_steps": steps,
             "per_device_train_batch_size": config.batch_size,

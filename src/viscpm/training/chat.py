@@ -44,10 +44,11 @@ def give_the_pivot_its_learning_rate(optimizer: torch.optim.Optimizer, model: nn
                 optimizer.add_param_group({**group, "params": parameters, "lr": rate})
 
 
-def set_chat_trainable(model: nn.Module, tune_llm: bool, tune_vision: bool) -> None:
+def set_chat_trainable(model: nn.Module, tune_llm: bool, tune_vision: bool, tune_patch_embedding: bool = False) -> None:
     model.requires_grad_(True)
-    model.vpm.embeddings.patch_embedding.requires_grad_(False)
-    model.vpm.embeddings.cls_token.requires_grad_(False)
+    if not tune_patch_embedding:  # the original's: BEiT-3's pretrained patch embedding (and class token) stays
+        model.vpm.embeddings.patch_embedding.requires_grad_(False)
+        model.vpm.embeddings.cls_token.requires_grad_(False)
     if not tune_vision:
         for name, parameter in model.vpm.named_parameters():
             if is_vision_expert(name):

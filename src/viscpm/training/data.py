@@ -605,6 +605,27 @@ def pixel_batch(rows: Sequence[Mapping], image_transform: Callable[[PIL.Image.Im
     return torch.stack([image_transform(open_image(row["image"])) for row in rows])
 
 
+# `data.image_augmentation`'s choices: the transposes one is drawn from (None: the image as it is), uniformly. With
+# the identity, PIL's seven transposes are the eight symmetries of the square: every flip and quarter turn
+IMAGE_AUGMENTATIONS = {
+    "horizontal_flip": (None, PIL.Image.Transpose.FLIP_LEFT_RIGHT),
+    "dihedral": (None, *PIL.Image.Transpose),
+}
+
+
+@dataclass
+class RandomlyTransposed:
+    """`image_transform` after one of `transposes` drawn at random (torch's generator, which the Trainer seeds): an
+    augmentation for images whose text does not depend on their orientation (no "left of", no written words)."""
+
+    image_transform: Callable[[PIL.Image.Image], Any]
+    transposes: tuple
+
+    def __call__(self, image: PIL.Image.Image):
+        transpose = self.transposes[int(torch.randint(len(self.transposes), ()))]
+        return self.image_transform(image if transpose is None else image.transpose(transpose))
+
+
 @dataclass
 class PivotCollator:
     """`PivotSamples` -> a model batch for another pivot: padded on the right (labels with -100; the model's

@@ -10,7 +10,12 @@ The config is YAML (examples in `configs/`); `--set key.sub=value` overrides any
       max_length: 512          samples over it are skipped (and counted)
       min_image_size: 0        images whose shorter side is under it are skipped (the original fine-tuning used 128)
       conversation_rounds: all all rounds of a conversation (the original kept only the first: `first`)
+      image_augmentation: null chat stages: each image, each time it is batched, mirrored left to right half the time
+                               (`horizontal_flip`) or turned by one of the square's eight flips and quarter turns
+                               (`dihedral`), for images whose text does not depend on their orientation. null: none
     tune_llm / tune_vision:    chat stages (defaults per stage below)
+    tune_patch_embedding: false chat stages, without `lora`: train BEiT-3's patch embedding and class token too, which
+                               the original keeps as pretrained; for a vision encoder that starts random
     llm_learning_rate: null    chat stages: the pivot's own learning rate (its LoRA adapters' under `lora`); the
                                vision side, queries and mapping keep training.learning_rate. null: the same for all
     caption_distillation: null chat-pretrain only, caption sources, pivot frozen: a weight (e.g. 1.0) for a second
@@ -49,9 +54,16 @@ DEFAULTS = {
     "model": None,
     "output_dir": None,
     "seed": 0,
-    "data": {"sources": [], "max_length": 512, "min_image_size": 0, "conversation_rounds": "all"},
+    "data": {
+        "sources": [],
+        "max_length": 512,
+        "min_image_size": 0,
+        "conversation_rounds": "all",
+        "image_augmentation": None,
+    },
     "tune_llm": None,
     "tune_vision": None,
+    "tune_patch_embedding": False,
     "llm_learning_rate": None,
     "caption_distillation": None,
     "lora": None,
@@ -129,6 +141,8 @@ def load_config(stage: str, path: str | None, overrides: list[str] = ()) -> dict
     if config["lora"] is not None and stage != "chat-sft":
         raise ConfigError("`lora` applies to chat-sft only (stage 1 and Paint train their own small modules fully)")
     check_llm_learning_rate(stage, config)
+    check_image_augmentation(stage, config)
+    check_tune_patch_embedding(stage, config)
     specs = source_specs(config)  # here, before a model loads: a wrong source costs no loading time
     check_caption_distillation(stage, config, specs)
     if stage == "paint" and any(spec.caption_requests for spec in specs):
@@ -169,6 +183,37 @@ def check_llm_learning_rate(stage: str, config: dict) -> None:
     if not config["tune_llm"] and config["lora"] is None:
         raise ConfigError(
             f"llm_learning_rate is set, but {stage} keeps the pivot frozen: set tune_llm: true, or leave it out"
+        )
+
+
+def check_image_augmentation(stage: str, config: dict) -> None:
+    """`data.image_augmentation`: one of the chat stages' augmentations, or null."""
+    from .data import IMAGE_AUGMENTATIONS
+
+    augmentation = config["data"]["image_augmentation"]
+    if augmentation is None:
+        return
+    if augmentation not in IMAGE_AUGMENTATIONS:
+        raise ConfigError(
+            f"data.image_augmentation must be one of {', '.join(IMAGE_AUGMENTATIONS)} or null, got {augmentation!r}"
+        )
+    if stage == "paint":
+        raise ConfigError(
+            "data.image_augmentation applies to the chat stages: Paint learns to draw its images as they are"
+        )
+
+
+def check_tune_patch_embedding(stage: str, config: dict) -> None:
+    """`tune_patch_embedding`: a boolean, for a chat stage that trains the model's own parameters (not LoRA's)."""
+    tune = config["tune_patch_embedding"]
+    if not isinstance(tune, bool):
+        raise ConfigError(f"tune_patch_embedding must be true or false, got {tune!r}")
+    if tune and stage == "paint":
+        raise ConfigError("tune_patch_embedding applies to the chat stages: Paint has no vision encoder")
+    if tune and config["lora"] is not None:
+        raise ConfigError(
+            "tune_patch_embedding: under `lora` the base stays frozen; name the vision side in lora.modules_to_save "
+            "(e.g. [vpm, mapping]) to train it whole, or leave tune_patch_embedding out"
         )
 
 
@@ -232,7 +277,15 @@ def build_chat(stage: str, config: dict, arguments):
     from transformers import AutoModel, AutoProcessor
 
     from .chat import add_lora, bitsandbytes_config, set_chat_trainable, trainable_summary
-    from .data import CaptionDistillationSamples, ChatPrompts, build_training_data, chat_collator, chat_samples
+    from .data import (
+        IMAGE_AUGMENTATIONS,
+        CaptionDistillationSamples,
+        ChatPrompts,
+        RandomlyTransposed,
+        build_training_data,
+        chat_collator,
+        chat_samples,
+    )
 
     lora = config["lora"]
     quantization = bitsandbytes_config(lora.get("quantization")) if lora else None
@@ -245,7 +298,12 @@ def build_chat(stage: str, config: dict, arguments):
             model, lora, quantized=quantization is not None, gradient_checkpointing=arguments.activation_checkpointing
         )
     else:
-        set_chat_trainable(model, tune_llm=config["tune_llm"], tune_vision=config["tune_vision"])
+        set_chat_trainable(
+            model,
+            tune_llm=config["tune_llm"],
+            tune_vision=config["tune_vision"],
+            tune_patch_embedding=config["tune_patch_embedding"],
+        )
     logger.info("%s: %s", stage, trainable_summary(model))
     data = config["data"]
     samples = chat_samples(processor, data["max_length"])
@@ -263,6 +321,8 @@ def build_chat(stage: str, config: dict, arguments):
     def pixels(image):
         return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
+    if data["image_augmentation"] is not None:
+        pixels = RandomlyTransposed(pixels, IMAGE_AUGMENTATIONS[data["image_augmentation"]])
     collator = chat_collator(processor, data["max_length"], pixels, config["caption_distillation"] is not None)
     return model, processor, dataset, report, collator, []
 
