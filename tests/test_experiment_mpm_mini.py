@@ -44,7 +44,11 @@ def test_evaluation_phrasings_never_appear_in_stage_data(tmp_path, system):
     share (here about half of the questions, spread over the six other languages) too."""
     scenes, questions, paths = mpm_mini.load_world("train")
     config = dataclasses.replace(
-        mpm_mini.QUICK, train_images=200, translated_share_per_language=0.08, translated_languages=g.LANGUAGES[1:]
+        mpm_mini.QUICK,
+        train_images=200,
+        translated_share_per_language=0.08,
+        translated_languages=g.LANGUAGES[1:],
+        translated_plain_share=0.5,
     )
     counts = mpm_mini.write_stage_data(tmp_path, config, system, scenes, questions, paths)
     assert set(counts["conversations"]) == set(g.LANGUAGES)
@@ -84,6 +88,49 @@ def test_the_european_translated_share_asks_each_kind_in_all_its_training_phrasi
                 if plain(g.fill(template, language, colour, shape)) in asked
             }
             assert len(templates) >= 3 and used == set(templates), (language, kind, set(templates) - used)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_the_chinese_translated_share_asks_the_plain_phrasings_at_its_share(share, tmp_path):
+    """Chinese has plain phrasings as English has: with `translated_plain_share` its translated share draws from them
+    that often, else only from its training table's one phrasing per kind. No other language has them."""
+    config = dataclasses.replace(
+        mpm_mini.QUICK, train_images=600, translated_share_per_language=0.1, translated_plain_share=share
+    )
+    mpm_mini.write_stage_data(tmp_path, config, "mpm", *mpm_mini.load_world("train"))
+    tables = {"train": g.TRAIN_TEMPLATES["zh"], "plain": g.PLAIN_TEMPLATES["zh"]}
+    cores = {
+        name: {
+            g.fill(template, "zh", colour, shape).rstrip(g.FINAL_PUNCTUATION)
+            for templates in table.values()
+            for template in templates
+            for colour in g.COLOURS
+            for shape in g.SHAPES
+        }
+        for name, table in tables.items()
+    }
+    drawn = []
+    for record in json.loads((tmp_path / "vqa.json").read_text()):
+        for turn in record["conversations"]:
+            found = [name for name, table in cores.items() if any(core in turn["value"] for core in table)]
+            if turn["from"] == "human" and found:  # a Chinese question about the world (not a refusal's)
+                drawn.append(found)
+    assert len(drawn) > 100 and all(len(found) == 1 for found in drawn)
+    plain = sum(found == ["plain"] for found in drawn) / len(drawn)
+    assert abs(plain - share) < 0.1, plain
+
+
+@pytest.mark.parametrize("share, chinese", [(None, 0.5), (0.1, 0.1)])
+def test_the_translated_refusal_share_sets_how_many_refusals_are_in_chinese(share, chinese, tmp_path):
+    """Unset, refusals are drawn evenly from English and the translated share's languages with refusals (Chinese)."""
+    config = dataclasses.replace(
+        mpm_mini.QUICK, train_images=1000, refusal_share=0.2, languages=("en", "zh"), translated_refusal_share=share
+    )
+    mpm_mini.write_stage_data(tmp_path, config, "mpm", *mpm_mini.load_world("train"))
+    answers = [record["conversations"][1]["value"] for record in json.loads((tmp_path / "vqa.json").read_text())]
+    refusals = [answer for answer in answers if answer in g.REFUSALS.values()]
+    assert len(refusals) > 300
+    assert abs(refusals.count(g.REFUSALS["zh"]) / len(refusals) - chinese) < 0.06
 
 
 def test_the_languages_ask_the_same_items():
@@ -149,7 +196,11 @@ def _training_questions(tmp_path) -> list[str]:
     world = mpm_mini.load_world("train")
     for system in ("mpm", "native"):
         config = dataclasses.replace(
-            mpm_mini.QUICK, train_images=400, translated_share_per_language=0.08, refusal_share=0.5
+            mpm_mini.QUICK,
+            train_images=400,
+            translated_share_per_language=0.08,
+            refusal_share=0.5,
+            translated_plain_share=0.5,
         )
         mpm_mini.write_stage_data(tmp_path / system, config, system, *world)
         records = json.loads((tmp_path / system / "vqa.json").read_text())
@@ -312,6 +363,12 @@ def test_translated_kinds_too_few_for_the_share_are_refused_naming_the_fix(tmp_p
         mpm_mini.write_stage_data(
             tmp_path, dataclasses.replace(config, translated_kinds=("has_shape",)), "mpm", scenes, questions, paths
         )
+
+
+@pytest.mark.parametrize("name", ["translated_plain_share", "translated_refusal_share"])
+def test_a_share_outside_zero_to_one_is_refused_when_the_config_is_made(name):
+    with pytest.raises(ValueError, match=f"{name}=1.5 is a share of questions"):
+        dataclasses.replace(mpm_mini.QUICK, **{name: 1.5})
 
 
 @pytest.mark.parametrize(

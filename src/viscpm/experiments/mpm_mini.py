@@ -60,12 +60,21 @@ class MiniConfig:
     # the share's languages: every non-English one. VisCPM's README: trained on English instructions only, the model
     # understands Chinese questions but answers in English; a little translated data aligns the reply language
     translated_languages: tuple = g.LANGUAGES[1:]
+    # of the translated share's questions in a language with plain phrasings (Chinese), the share asked in one of
+    # them rather than in the training table's one phrasing per kind, as English is half the time. At 0.5 the held-out
+    # Chinese paraphrases rose 2.5 points (docs/mpm-mini.md, "A longer distilled stage 1")
+    translated_plain_share: float = 0.0
     # the question kinds the translated share asks (first rounds and second), as many conversations in all: what
     # it teaches a pivot that never read the language (the English-only baseline) besides aligning the reply language
     translated_kinds: tuple = tuple(g.EN_TEMPLATES)
     # of stage-2 conversations: a question outside the world, refused; in English or, as often, in a language of the
     # translated share that has refusals (English-only refusal turns wore the pivot's Chinese refusal away)
     refusal_share: float = 0.06
+    # of those refused conversations, the share asked in a language of the translated share (the rest in English);
+    # None: drawn evenly from English and those languages, half in Chinese with Chinese alone: then 38% of stage 2's
+    # Chinese first questions were refusals, and a held-out Chinese form was refused half the time (docs/mpm-mini.md,
+    # "A longer distilled stage 1")
+    translated_refusal_share: float | None = None
     # of stage-2 conversations: a second round about the same image, asked in the first round's context (one-round
     # training left the README's second turn to luck: 棕色 for a red circle)
     two_round_share: float = 0.3
@@ -84,8 +93,9 @@ class MiniConfig:
     native_stage1_scale: int = 2
     # stage 1's `caption_distillation` weight (`viscpm train`'s; None: captions alone): the pivot's states after the
     # image trained toward its states after the caption written in the image slot. At 1.0 it fixed the triangle
-    # example and lifted held-out Chinese yes / no, but took the rectangle example for a circle, so neither the
-    # table's systems nor the default use it yet (docs/mpm-mini.md, "Caption distillation")
+    # example and lifted held-out Chinese yes / no, but took the rectangle example for a circle at 2,000 steps (4,000
+    # fixed that); neither the table's systems nor the default use it yet (docs/mpm-mini.md, "Caption distillation"
+    # and "A longer distilled stage 1")
     stage1_caption_distillation: float | None = None
     # 1,500 left Chinese 10-12 points behind English on the CPM-Bee pivot; 2,500 cost the Qwen2 pivot only while each
     # European language had one training phrasing per kind (docs/mpm-mini.md, "Runs F and G")
@@ -121,6 +131,10 @@ class MiniConfig:
     pivots: tuple = PIVOTS
 
     def __post_init__(self):
+        for name in ("translated_plain_share", "translated_refusal_share"):
+            share = getattr(self, name)
+            if share is not None and not 0 <= share <= 1:
+                raise ValueError(f"{name}={share!r} is a share of questions: give a number from 0 to 1")
         if self.translated_share > 1:
             raise ValueError(
                 f"translated_share_per_language={self.translated_share_per_language} over "
@@ -454,7 +468,11 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         questions = [with_yes_share(question, scenes, config.yes_share, rng) for question in questions]
 
     def turn(language: str, kind: str, slots: dict, answer: str) -> tuple[str, str, str]:
-        question = g.fill(rng.choice(g.train_templates(language)[kind]), language, **slots)
+        templates = g.train_templates(language)[kind]
+        if config.translated_plain_share and language in g.PLAIN_TEMPLATES:  # no draw without it: the same data
+            if rng.random() < config.translated_plain_share:
+                templates = g.PLAIN_TEMPLATES[language][kind]
+        question = g.fill(rng.choice(templates), language, **slots)
         return language, g.half_surfaced(question, language, rng), g.answer_in(language, answer)
 
     def english(question: str, kind: str, slots: dict) -> str:
@@ -495,7 +513,11 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         elif shared and kind in shared_kinds and rng.random() < translated_rate:
             turns = [turn(rng.choice(shared), kind, slots, answer)]
         if rng.random() < config.refusal_share:
-            language = rng.choice(["en", *(language for language in shared if language in g.REFUSALS)])
+            refusing = [language for language in shared if language in g.REFUSALS]
+            if config.translated_refusal_share is None:
+                language = rng.choice(["en", *refusing])
+            else:
+                language = rng.choice(refusing) if refusing and rng.random() < config.translated_refusal_share else "en"
             question = g.surface(rng.choice(g.OUT_OF_WORLD[language]), language, rng)
             turns.append(("refused", question, g.REFUSALS[language]))
         for language, asked, answered in turns:
