@@ -40,9 +40,11 @@ def batched_pixels(augmentation, tmp_path, draws: int = 64) -> list[torch.Tensor
     return [collator([dataset[0]])["pixel_values"][0] for _ in range(draws)]
 
 
-def pixels_of(image: Image.Image, tmp_path) -> torch.Tensor:
+def transposed_pixels(tmp_path) -> list[torch.Tensor]:
+    """The pixels of each of `TRANSPOSES` of the image, through the tiny model's own image processor."""
     _, processor = tiny_chat(tmp_path)
-    return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    images = [corner_image() if transpose is None else corner_image().transpose(transpose) for transpose in TRANSPOSES]
+    return [processor.image_processor(image, return_tensors="pt")["pixel_values"][0] for image in images]
 
 
 @pytest.mark.parametrize("augmentation, seen", [(None, 1), ("horizontal_flip", 2), ("dihedral", 8)])
@@ -50,10 +52,7 @@ def test_each_batch_sees_the_image_turned_by_one_of_the_augmentations_transposes
     """Over 64 batches the image comes as each of its allowed transposes (one, two, eight), and as nothing else."""
     allowed = IMAGE_AUGMENTATIONS[augmentation] if augmentation else (None,)
     assert len(allowed) == seen
-    expected = [
-        pixels_of(corner_image() if transpose is None else corner_image().transpose(transpose), tmp_path)
-        for transpose in TRANSPOSES
-    ]
+    expected = transposed_pixels(tmp_path)
     assert len({tuple(pixels.flatten().tolist()) for pixels in expected}) == 8  # the bar tells all eight apart
     counts = [0] * len(TRANSPOSES)
     for pixels in batched_pixels(augmentation, tmp_path):
@@ -69,7 +68,11 @@ def test_the_draws_follow_the_seed(tmp_path):
 
 @pytest.mark.parametrize(
     "stage, augmentation, named",
-    [("chat-pretrain", "rotate", "must be one of horizontal_flip, dihedral"), ("paint", "dihedral", "chat stages")],
+    [
+        ("chat-pretrain", "rotate", "must be one of horizontal_flip, dihedral"),
+        ("chat-pretrain", ["dihedral"], "must be one of horizontal_flip, dihedral"),
+        ("paint", "dihedral", "chat stages"),
+    ],
 )
 def test_an_unknown_or_misplaced_augmentation_is_a_config_error(stage, augmentation, named, tmp_path):
     entries = chat_config(tmp_path, tmp_path, "run")

@@ -469,9 +469,9 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
 
     def turn(language: str, kind: str, slots: dict, answer: str) -> tuple[str, str, str]:
         templates = g.train_templates(language)[kind]
-        if config.translated_plain_share and language in g.PLAIN_TEMPLATES:  # no draw without it: the same data
-            if rng.random() < config.translated_plain_share:
-                templates = g.PLAIN_TEMPLATES[language][kind]
+        plain = config.translated_plain_share and language in g.PLAIN_TEMPLATES  # else no draw: the same data
+        if plain and rng.random() < config.translated_plain_share:
+            templates = g.PLAIN_TEMPLATES[language][kind]
         question = g.fill(rng.choice(templates), language, **slots)
         return language, g.half_surfaced(question, language, rng), g.answer_in(language, answer)
 

@@ -193,7 +193,7 @@ def check_image_augmentation(stage: str, config: dict) -> None:
     augmentation = config["data"]["image_augmentation"]
     if augmentation is None:
         return
-    if augmentation not in IMAGE_AUGMENTATIONS:
+    if not isinstance(augmentation, str) or augmentation not in IMAGE_AUGMENTATIONS:  # a YAML list is unhashable
         raise ConfigError(
             f"data.image_augmentation must be one of {', '.join(IMAGE_AUGMENTATIONS)} or null, got {augmentation!r}"
         )
