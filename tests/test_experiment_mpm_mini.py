@@ -371,6 +371,11 @@ def test_a_share_outside_zero_to_one_is_refused_when_the_config_is_made(name):
         dataclasses.replace(mpm_mini.QUICK, **{name: 1.5})
 
 
+def test_a_caption_distillation_weight_not_given_by_pivot_kind_is_refused_when_the_config_is_made():
+    with pytest.raises(ValueError, match=r"stage1_caption_distillation=1\.0 is a weight by pivot kind: give a dict"):
+        dataclasses.replace(mpm_mini.QUICK, stage1_caption_distillation=1.0)
+
+
 @pytest.mark.parametrize(
     ("kinds", "message"),
     [
@@ -400,7 +405,7 @@ def test_only_default_retrains_the_shipped_defaults_vocabulary_and_stages(tmp_pa
     assert vocabulary == (defaults.CHAT / "vocab.txt").read_text("utf-8").splitlines()
     shipped = mpm_mini.shipped(mpm_mini.CONFIG)
     assert shipped.stage1_steps == mpm_mini.SHIPPED_STAGE1_SCALE * mpm_mini.CONFIG.stage1_steps > 2000
-    assert shipped.stage1_caption_distillation == 1.0 and mpm_mini.CONFIG.stage1_caption_distillation is None
+    assert shipped.stage1_caption_distillation == {"cpmbee": 1.0}
     assert shipped.translated_plain_share == 0.5 and shipped.stage2_steps == mpm_mini.CONFIG.stage2_steps
     assert shipped.stage2_pivot_learning_rates.get("cpmbee") is None  # the default's pivot tuned at learning_rate
     assert not shipped.stage2_lora and "cpmbee" in mpm_mini.CONFIG.stage2_lora  # ... and tuned whole
@@ -607,6 +612,18 @@ def test_quick_run_of_the_whole_pipeline(tmp_path, capsys):
     # a logged loss per step at QUICK's few steps: the native system's stage 1, on captions in every language, is longer
     stage1 = {name: len(entry["losses"]["stage1"]) for name, entry in results["systems"].items()}
     assert stage1["native"] == mpm_mini.QUICK.native_stage1_scale * stage1["mpm"] > stage1["mpm"], stage1
+    # stage 1 distilled on the pivot kinds `stage1_caption_distillation` names (CPM-Bee), on captions alone elsewhere
+    distilled = {
+        name: bool(
+            json.loads((Path(entry["model"]).parents[1] / "stage1" / "run_summary.json").read_text())[
+                "caption_distillation_losses"
+            ]
+        )
+        for name, entry in results["systems"].items()
+    }
+    assert distilled == {
+        name: entry["pivot"] in mpm_mini.QUICK.stage1_caption_distillation for name, entry in results["systems"].items()
+    } and any(distilled.values()), distilled
 
 
 def test_installed_default_decodes_greedily_holds_no_code_and_replaces_the_earlier_one(tmp_path):
