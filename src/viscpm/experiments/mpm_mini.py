@@ -94,9 +94,10 @@ class MiniConfig:
     native_stage1_scale: int = 2
     # stage 1's `caption_distillation` weight by pivot kind (`viscpm train`'s; absent: captions alone): the pivot's
     # states after the image trained toward its states after the caption written in the image slot. On the CPM-Bee
-    # pivot it brought mpm's Chinese from about 10 points behind English to 5.7 on a CPU where captions alone left it
-    # further than 10 under every stage-2 setting; the Qwen2 pivot met the goal with room without it, and its rows
-    # are measured without it (docs/mpm-mini.md, "Caption distillation" and "A distilled stage 1 on the table")
+    # pivot, with stage 2 under r 32, it took mpm's Chinese from about 10 points behind English to 5.7 on a CPU where
+    # captions alone left it further than 10 under every stage-2 setting (its zero-shot cost against native from 5.7
+    # to 0.8); the Qwen2 pivot met the goal with room without it, and its rows are measured without it
+    # (docs/mpm-mini.md, "Caption distillation" and "Run P")
     stage1_caption_distillation: dict = field(default_factory=lambda: {"cpmbee": 1.0})
     # 1,500 left Chinese 10-12 points behind English on the CPM-Bee pivot; 2,500 cost the Qwen2 pivot only while each
     # European language had one training phrasing per kind (docs/mpm-mini.md, "Runs F and G")
