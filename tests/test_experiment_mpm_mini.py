@@ -371,9 +371,20 @@ def test_a_share_outside_zero_to_one_is_refused_when_the_config_is_made(name):
         dataclasses.replace(mpm_mini.QUICK, **{name: 1.5})
 
 
-def test_a_caption_distillation_weight_not_given_by_pivot_kind_is_refused_when_the_config_is_made():
-    with pytest.raises(ValueError, match=r"stage1_caption_distillation=1\.0 is a weight by pivot kind: give a dict"):
-        dataclasses.replace(mpm_mini.QUICK, stage1_caption_distillation=1.0)
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"stage1_caption_distillation": 1.0},
+            r"stage1_caption_distillation=1\.0 is a setting by pivot kind: give a dict",
+        ),
+        ({"stage2_lora": {"cpmbe": {"r": 8}}}, r"stage2_lora names what is not a pivot kind \('cpmbe'\): use 'cpmbee'"),
+        ({"stage2_pivot_learning_rates": {"llama": 2e-4}}, r"stage2_pivot_learning_rates names .* \('llama'\)"),
+    ],
+)
+def test_a_setting_not_given_by_a_known_pivot_kind_is_refused_when_the_config_is_made(setting, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(mpm_mini.QUICK, **setting)
 
 
 @pytest.mark.parametrize(

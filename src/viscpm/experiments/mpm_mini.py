@@ -40,6 +40,12 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "<
 STRUCTURE_WORDS = ("image", "context", "question", "input", "caption", "objects", "User", "AI")
 SYSTEMS = ("mpm", "english_pivot", "native")
 PIVOTS = ("cpmbee", "qwen2")
+# `MiniConfig`'s settings given by pivot kind, each with an example of its form
+BY_PIVOT_KIND = {
+    "stage1_caption_distillation": "{'cpmbee': 1.0}",
+    "stage2_pivot_learning_rates": "{'qwen2': 2e-4}",
+    "stage2_lora": "{'cpmbee': {'r': 32, 'alpha': 64}}",
+}
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -136,11 +142,18 @@ class MiniConfig:
     pivots: tuple = PIVOTS
 
     def __post_init__(self):
-        if not isinstance(self.stage1_caption_distillation, dict):
-            raise ValueError(
-                f"stage1_caption_distillation={self.stage1_caption_distillation!r} is a weight by pivot kind: give a "
-                f"dict such as {{'cpmbee': 1.0}} ({{}}: captions alone on every pivot)"
-            )
+        for name, example in BY_PIVOT_KIND.items():
+            setting = getattr(self, name)
+            if not isinstance(setting, dict):
+                raise ValueError(
+                    f"{name}={setting!r} is a setting by pivot kind: give a dict such as {example} ({{}}: on no pivot)"
+                )
+            unknown = sorted(set(setting) - set(PIVOTS))
+            if unknown:  # a misspelt kind would silently leave its pivot without the setting
+                raise ValueError(
+                    f"{name} names what is not a pivot kind ({', '.join(map(repr, unknown))}): use "
+                    f"{', '.join(map(repr, PIVOTS))}"
+                )
         for name in ("translated_plain_share", "translated_refusal_share"):
             share = getattr(self, name)
             if share is not None and not 0 <= share <= 1:
