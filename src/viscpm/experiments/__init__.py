@@ -1,1 +1,1 @@
-"""Experiments reproducing the paper's claims at toy scale (needs the train and experiment extras)."""
+"""Experiments reproducing the paper's claims at toy scale (needs the experiment extra)."""
