@@ -920,7 +920,7 @@ def bar_plot(values: dict[str, dict[str, float]], title: str, legend: str, path:
     import matplotlib.pyplot as plt
 
     systems, languages = list(values), list(next(iter(values.values())))
-    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(languages) * len(systems) / 2), 3.2))
+    figure, axis = plt.subplots(figsize=(max(6, 0.4 * len(languages) * len(systems) + 2), 3.2))
     width = 0.8 / len(languages)
     for index, language in enumerate(languages):
         offset = (index - (len(languages) - 1) / 2) * width
@@ -934,7 +934,8 @@ def bar_plot(values: dict[str, dict[str, float]], title: str, legend: str, path:
     axis.set_xticks(range(len(systems)), systems)
     axis.set_ylabel("accuracy (%)")
     axis.set_ylim(0, 105)
-    axis.legend(title=legend, fontsize=8)
+    # Outside the axes: inside, it covers the first system's bars.
+    axis.legend(title=legend, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
