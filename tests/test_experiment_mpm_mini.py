@@ -273,10 +273,48 @@ def test_stage_two_asks_second_questions_about_the_same_image_in_the_first_ones_
     assert turns[1].context.startswith("User: ") and turns[1].context.count("AI: ") == 1
 
 
-def test_a_translated_share_over_all_conversations_is_refused_with_the_largest_that_fits():
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({}, r"6 languages \(weights summing to 6\) is 120% of the conversations: lower it to at most 0\.167"),
+        ({"de": 3, "fr": 0}, r"summing to 7\) is 140% of the conversations: lower it to at most 0\.143"),
+    ],
+)
+def test_a_translated_share_over_all_conversations_is_refused_with_the_largest_that_fits(weights, message):
     """When the config is made, before any data is written."""
-    with pytest.raises(ValueError, match=r"120% of the conversations: lower it to at most 0\.167"):
-        dataclasses.replace(mpm_mini.QUICK, translated_share_per_language=0.2)
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(mpm_mini.QUICK, translated_share_per_language=0.2, translated_share_weights=weights)
+
+
+def test_the_translated_share_gives_each_language_its_weight(tmp_path):
+    """Each language's share is `translated_share_per_language` times its weight (absent: 1), the other languages'
+    unchanged by it; weight 0 leaves a language out of the share."""
+    world = mpm_mini.load_world("train")
+    config = dataclasses.replace(
+        mpm_mini.QUICK,
+        train_images=1500,
+        translated_share_per_language=0.05,
+        translated_share_weights={"de": 2, "fr": 0.5, "es": 0},
+    )
+    counts = mpm_mini.write_stage_data(tmp_path, config, "mpm", *world)["conversations"]
+    total = sum(counts.values())
+    expected = {"zh": 0.05, "de": 0.1, "fr": 0.025, "it": 0.05, "pt": 0.05}
+    assert "es" not in counts
+    for language, share in expected.items():
+        assert abs(counts[language] / total - share) < 0.25 * share, (language, counts)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"xx": 2}, r"translated_share_weights names what is not a language \('xx'\): use 'en', 'zh'"),
+        ({"de": -1}, r"translated_share_weights=\{'de': -1\} is not a weight: give each language a number, 0 or"),
+        ({"de": "2"}, r"translated_share_weights=\{'de': '2'\} is not a weight"),
+    ],
+)
+def test_translated_share_weights_that_are_not_weights_of_languages_are_refused(weights, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(mpm_mini.QUICK, translated_share_weights=weights)
 
 
 def _yes_no_rounds(folder, scenes, questions, paths, yes_share) -> list[tuple[str, str, str]]:

@@ -66,6 +66,13 @@ class MiniConfig:
     # the share's languages: every non-English one. VisCPM's README: trained on English instructions only, the model
     # understands Chinese questions but answers in English; a little translated data aligns the reply language
     translated_languages: tuple = g.LANGUAGES[1:]
+    # each language's share is `translated_share_per_language` times its weight here (absent: 1). German, the
+    # furthest from English on the multilingual pivot, gets half as much again; the Romance languages, which share
+    # most words with English, half as much: from the even share an English-only pivot learnt them to 54-66, near
+    # 30 points of mpm, while mpm's were within 4.4 of its English (docs/mpm-mini.md, "Run R")
+    translated_share_weights: dict = field(
+        default_factory=lambda: {"de": 1.5, "fr": 0.5, "es": 0.5, "it": 0.5, "pt": 0.5}
+    )
     # of the translated share's questions in a language with plain phrasings (Chinese), the share asked in one of
     # them rather than in the training table's one phrasing per kind, as English is half the time. At 0.5 the held-out
     # Chinese paraphrases rose 2.5 points, and the default ships with it (docs/mpm-mini.md, "A longer distilled
@@ -158,11 +165,27 @@ class MiniConfig:
             share = getattr(self, name)
             if share is not None and not 0 <= share <= 1:
                 raise ValueError(f"{name}={share!r} is a share of questions: give a number from 0 to 1")
+        unknown = sorted(set(self.translated_share_weights) - set(g.LANGUAGES))
+        if unknown:
+            raise ValueError(
+                f"translated_share_weights names what is not a language ({', '.join(map(repr, unknown))}): use "
+                f"{', '.join(map(repr, g.LANGUAGES))}"
+            )
+        negative = {
+            language: weight
+            for language, weight in self.translated_share_weights.items()
+            if not isinstance(weight, (int, float)) or weight < 0
+        }
+        if negative:
+            raise ValueError(
+                f"translated_share_weights={negative} is not a weight: give each language a number, 0 or more"
+            )
         if self.translated_share > 1:
+            weights = sum(self.language_weights)
             raise ValueError(
                 f"translated_share_per_language={self.translated_share_per_language} over "
-                f"{len(self.shared_languages)} languages is {self.translated_share:.0%} of the conversations: lower "
-                f"it to at most {1 / len(self.shared_languages):.3f}"
+                f"{len(self.shared_languages)} languages (weights summing to {weights:g}) is "
+                f"{self.translated_share:.0%} of the conversations: lower it to at most {1 / weights:.3f}"
             )
         kinds = ", ".join(map(repr, g.EN_TEMPLATES))
         if isinstance(self.translated_kinds, str):
@@ -180,9 +203,14 @@ class MiniConfig:
         return [language for language in self.translated_languages if language in self.languages]
 
     @property
+    def language_weights(self) -> list[float]:
+        """The weight of each of `shared_languages` in the translated share."""
+        return [self.translated_share_weights.get(language, 1) for language in self.shared_languages]
+
+    @property
     def translated_share(self) -> float:
         """The translated share of stage 2's conversations, all its languages together."""
-        return self.translated_share_per_language * len(self.shared_languages)
+        return self.translated_share_per_language * sum(self.language_weights)
 
 
 CONFIG = MiniConfig()
@@ -530,6 +558,13 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
             f"translated_kinds={shared_kinds} are {asked_kinds} of {chosen_kinds.total()} questions, too few for a "
             f"translated share of {config.translated_share:.0%}: add kinds or lower translated_share_per_language"
         )
+    weights = config.language_weights
+
+    def translated_language() -> str:
+        if len(set(weights)) == 1:  # even shares draw as before the weights existed: the shipped default's data stay
+            return rng.choice(shared)
+        return rng.choices(shared, weights)[0]
+
     conversations, share, second_rounds = [], Counter(), 0
     for image_id, kind, slots, question in questions:
         if image_id not in chosen:
@@ -539,7 +574,7 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
         if system == "native":
             turns += [turn(language, kind, slots, answer) for language in config.languages if language != "en"]
         elif shared and kind in shared_kinds and rng.random() < translated_rate:
-            turns = [turn(rng.choice(shared), kind, slots, answer)]
+            turns = [turn(translated_language(), kind, slots, answer)]
         if rng.random() < config.refusal_share:
             refusing = [language for language in shared if language in g.REFUSALS]
             if config.translated_refusal_share is None:
