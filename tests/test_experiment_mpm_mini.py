@@ -310,6 +310,7 @@ def test_the_translated_share_gives_each_language_its_weight(tmp_path):
         ({"xx": 2}, r"translated_share_weights names what is not a language \('xx'\): use 'en', 'zh'"),
         ({"de": -1}, r"translated_share_weights=\{'de': -1\} is not a weight: give each language a number, 0 or"),
         ({"de": "2"}, r"translated_share_weights=\{'de': '2'\} is not a weight"),
+        (1.5, r"translated_share_weights=1\.5 is a weight by language: give a dict such as \{'de': 1\.5\}"),
     ],
 )
 def test_translated_share_weights_that_are_not_weights_of_languages_are_refused(weights, message):

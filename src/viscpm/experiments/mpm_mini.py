@@ -155,22 +155,18 @@ class MiniConfig:
                 raise ValueError(
                     f"{name}={setting!r} is a setting by pivot kind: give a dict such as {example} ({{}}: on no pivot)"
                 )
-            unknown = sorted(set(setting) - set(PIVOTS))
-            if unknown:  # a misspelt kind would silently leave its pivot without the setting
-                raise ValueError(
-                    f"{name} names what is not a pivot kind ({', '.join(map(repr, unknown))}): use "
-                    f"{', '.join(map(repr, PIVOTS))}"
-                )
+            # a misspelt kind would silently leave its pivot without the setting
+            refuse_unknown_names(name, setting, PIVOTS, "a pivot kind")
         for name in ("translated_plain_share", "translated_refusal_share"):
             share = getattr(self, name)
             if share is not None and not 0 <= share <= 1:
                 raise ValueError(f"{name}={share!r} is a share of questions: give a number from 0 to 1")
-        unknown = sorted(set(self.translated_share_weights) - set(g.LANGUAGES))
-        if unknown:
+        if not isinstance(self.translated_share_weights, dict):
             raise ValueError(
-                f"translated_share_weights names what is not a language ({', '.join(map(repr, unknown))}): use "
-                f"{', '.join(map(repr, g.LANGUAGES))}"
+                f"translated_share_weights={self.translated_share_weights!r} is a weight by language: give a dict "
+                "such as {'de': 1.5} ({}: every language weighs 1)"
             )
+        refuse_unknown_names("translated_share_weights", self.translated_share_weights, g.LANGUAGES, "a language")
         negative = {
             language: weight
             for language, weight in self.translated_share_weights.items()
@@ -211,6 +207,15 @@ class MiniConfig:
     def translated_share(self) -> float:
         """The translated share of stage 2's conversations, all its languages together."""
         return self.translated_share_per_language * sum(self.language_weights)
+
+
+def refuse_unknown_names(setting: str, given, known, what: str) -> None:
+    """A ValueError naming the keys of `given` that are not among `known`, and those that are."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{setting} names what is not {what} ({', '.join(map(repr, unknown))}): use {', '.join(map(repr, known))}"
+        )
 
 
 CONFIG = MiniConfig()
@@ -559,11 +564,10 @@ def write_stage_data(folder: Path, config: MiniConfig, system: str, scenes, ques
             f"translated share of {config.translated_share:.0%}: add kinds or lower translated_share_per_language"
         )
     weights = config.language_weights
+    even = len(set(weights)) == 1  # even shares draw as before the weights existed: the shipped default's data stay
 
     def translated_language() -> str:
-        if len(set(weights)) == 1:  # even shares draw as before the weights existed: the shipped default's data stay
-            return rng.choice(shared)
-        return rng.choices(shared, weights)[0]
+        return rng.choice(shared) if even else rng.choices(shared, weights)[0]
 
     conversations, share, second_rounds = [], Counter(), 0
     for image_id, kind, slots, question in questions:
